@@ -1,0 +1,325 @@
+"""Chat agents: a system prompt, a model and an OpenAI-compatible endpoint.
+
+:class:`AgentSpec` is the resolved, picklable description that travels to
+workers; :func:`chat_completion` sends one request with retries, backoff and
+failure classification, and never raises for a failed request: the failure
+becomes part of the returned :class:`Outcome`, so one bad prompt never fails
+its chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .config import AgentConfig, RunConfig, Secret, Settings
+
+__all__ = [
+    "ERROR_TYPES",
+    "TRANSIENT",
+    "AgentSpec",
+    "Outcome",
+    "RequestFailure",
+    "chat_completion",
+    "classify_status",
+    "resolve_agents",
+    "stream_chat",
+]
+
+ERROR_TYPES = (
+    "rate_limit",
+    "server_error",
+    "timeout",
+    "connection",
+    "bad_request",
+    "context_length",
+    "auth",
+    "invalid_input",
+    "interrupted",
+    "other",
+)
+#: failures worth another attempt; the rest fail the prompt at once
+TRANSIENT = frozenset({"rate_limit", "server_error", "timeout", "connection"})
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """An agent with every value resolved (no defaults left to look up)."""
+
+    name: str
+    system_prompt: str
+    model: str
+    endpoint: str  # base URL ending in /v1
+    api_key: Secret | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
+    concurrency: int = 4
+
+    def __repr__(self) -> str:
+        return f"AgentSpec(name={self.name!r}, model={self.model!r}, endpoint={self.endpoint!r}, concurrency={self.concurrency})"
+
+    def describe(self) -> dict[str, Any]:
+        """Public description (no key) for run.json, plans and reports."""
+        return {
+            "name": self.name,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "concurrency": self.concurrency,
+            "weight": self.weight,
+        }
+
+
+def resolve_agents(settings: Settings, endpoint: str, model: str, api_key: Secret | None) -> list[AgentSpec]:
+    """The fleet for a run: configured agents (cycled or trimmed to the agent count).
+
+    ``endpoint``/``model``/``api_key`` fill in what an agent does not set itself
+    (the run-wide value, or the embedded server's).
+    """
+    run: RunConfig = settings.run
+    configured = list(run.agents) or [AgentConfig(name="agent")]
+    explicit_count = settings.source_of("agent_count").kind != "default"
+    count = run.agent_count if explicit_count or not run.agents else len(run.agents)
+    specs = []
+    for i in range(count):
+        base = configured[i % len(configured)]
+        lap = i // len(configured)
+        name = base.name if lap == 0 else f"{base.name}-{lap + 1}"
+        specs.append(
+            AgentSpec(
+                name=name,
+                system_prompt=base.system_prompt,
+                model=base.model or model,
+                endpoint=_normalise_endpoint(base.endpoint or endpoint),
+                api_key=base.api_key or api_key,
+                params=dict(base.params),
+                weight=base.weight,
+                concurrency=base.concurrency or run.limits.concurrency,
+            )
+        )
+    return specs
+
+
+def _normalise_endpoint(url: str) -> str:
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        url = url[: -len("/chat/completions")]
+    return url
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass
+class Outcome:
+    """What became of one request after all its attempts."""
+
+    status: str  # ok | error
+    attempts: int
+    started_at: float | None
+    finished_at: float | None
+    response: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    model: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+
+
+class RequestFailure(Exception):
+    """One failed attempt, classified."""
+
+    def __init__(self, error_type: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.retry_after_s = retry_after_s
+
+
+def classify_status(status: int, body: str) -> str:
+    if status == 429:
+        return "rate_limit"
+    if status >= 500:
+        return "server_error"
+    if status in (401, 403):
+        return "auth"
+    if status == 408:
+        return "timeout"
+    lowered = body.lower()
+    if "context_length" in lowered or "context length" in lowered or "maximum context" in lowered:
+        return "context_length"
+    if 400 <= status < 500:
+        return "bad_request"
+    return "other"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from LLM servers, fall back to backoff
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
+        if message:
+            return f"HTTP {response.status_code}: {str(message)[:300]}"
+    except (ValueError, AttributeError):
+        pass
+    return f"HTTP {response.status_code}: {response.text[:300]}"
+
+
+def _headers(agent: AgentSpec) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if agent.api_key is not None and agent.api_key.reveal():
+        headers["Authorization"] = f"Bearer {agent.api_key.reveal()}"
+    return headers
+
+
+def _scrub(text: str, agent: AgentSpec) -> str:
+    """Belt and braces: a server could echo the key back in an error body."""
+    if agent.api_key is not None and agent.api_key.reveal():
+        text = text.replace(agent.api_key.reveal(), "***")
+    return text
+
+
+def build_body(agent: AgentSpec, messages: list[dict[str, Any]], model: str | None, params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model or agent.model, "messages": messages}
+    body.update(agent.params)
+    body.update(params)
+    return body
+
+
+async def _attempt(client: httpx.AsyncClient, agent: AgentSpec, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    url = f"{agent.endpoint}/chat/completions"
+    try:
+        response = await asyncio.wait_for(
+            client.post(url, content=json.dumps(body), headers=_headers(agent), timeout=timeout_s),
+            timeout=timeout_s + 1.0,  # a server that trickles bytes still ends in time
+        )
+    except (TimeoutError, httpx.TimeoutException):
+        raise RequestFailure("timeout", f"no answer within {timeout_s:g} s") from None
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.NetworkError) as exc:
+        raise RequestFailure("connection", f"{type(exc).__name__}: {exc or 'connection closed'}") from None
+    except httpx.HTTPError as exc:
+        raise RequestFailure("other", f"{type(exc).__name__}: {exc}") from None
+    if response.status_code != 200:
+        raise RequestFailure(
+            classify_status(response.status_code, response.text), _error_message(response), _retry_after(response)
+        )
+    try:
+        data = response.json()
+        choice = data["choices"][0]
+        return {
+            "response": choice["message"].get("content") or "",
+            "finish_reason": choice.get("finish_reason"),
+            "prompt_tokens": (data.get("usage") or {}).get("prompt_tokens"),
+            "completion_tokens": (data.get("usage") or {}).get("completion_tokens"),
+            "model": data.get("model") or body["model"],
+        }
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise RequestFailure("server_error", f"malformed response: {response.text[:200]}") from None
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
+    """Exponential backoff with full jitter; Retry-After is a floor, never ignored."""
+    delay = random.uniform(0, min(max_s, base_s * 2 ** (attempt - 1)))
+    if retry_after_s is not None:
+        delay = max(delay, retry_after_s)
+    return delay
+
+
+async def chat_completion(
+    client: httpx.AsyncClient,
+    agent: AgentSpec,
+    messages: list[dict[str, Any]],
+    *,
+    model: str | None = None,
+    params: dict[str, Any] | None = None,
+    max_attempts: int = 4,
+    timeout_s: float = 120.0,
+    backoff_s: float = 0.5,
+    backoff_max_s: float = 30.0,
+    on_failure: Callable[[RequestFailure], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Outcome:
+    """Send one chat request, retrying transient failures; the result never raises."""
+    body = build_body(agent, messages, model, params or {})
+    started = time.time()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = await _attempt(client, agent, body, timeout_s)
+            return Outcome(status="ok", attempts=attempt, started_at=started, finished_at=time.time(), **result)
+        except RequestFailure as failure:
+            if on_failure is not None:
+                on_failure(failure)
+            last = failure
+            retry = failure.error_type in TRANSIENT and attempt < max_attempts
+            if retry and should_stop is not None and should_stop():
+                retry = False
+            if not retry:
+                return Outcome(
+                    status="error",
+                    attempts=attempt,
+                    started_at=started,
+                    finished_at=time.time(),
+                    model=body["model"],
+                    error_type=last.error_type,
+                    error=_scrub(str(last), agent),
+                )
+            await asyncio.sleep(backoff_delay(attempt, backoff_s, backoff_max_s, failure.retry_after_s))
+
+
+async def stream_chat(
+    client: httpx.AsyncClient,
+    agent: AgentSpec,
+    messages: list[dict[str, Any]],
+    *,
+    timeout_s: float = 120.0,
+) -> AsyncIterator[dict[str, Any]]:
+    """Stream one answer: yields ``{"delta": text}`` pieces, then ``{"usage": ..., "finish_reason": ...}``.
+
+    Failures raise :class:`RequestFailure` (interactive use shows them and goes on).
+    """
+    body = build_body(agent, messages, None, {"stream": True, "stream_options": {"include_usage": True}})
+    url = f"{agent.endpoint}/chat/completions"
+    finish_reason = None
+    usage: dict[str, Any] = {}
+    try:
+        async with client.stream("POST", url, content=json.dumps(body), headers=_headers(agent), timeout=timeout_s) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                raise RequestFailure(classify_status(response.status_code, text), f"HTTP {response.status_code}: {text[:300]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield {"delta": text}
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+    except httpx.TimeoutException:
+        raise RequestFailure("timeout", f"no answer within {timeout_s:g} s") from None
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.NetworkError) as exc:
+        raise RequestFailure("connection", _scrub(f"{type(exc).__name__}: {exc or 'connection closed'}", agent)) from None
+    yield {"usage": usage, "finish_reason": finish_reason}

@@ -1,0 +1,78 @@
+"""One exception tree for the whole library.
+
+The library raises; only ``cli.py`` turns these into messages and exit codes.
+Each class carries the exit code the SPEC gives it, so the CLI needs no table.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ExecutorError",
+    "InputError",
+    "OutputError",
+    "ParslChatError",
+    "RunFailed",
+    "RunInterrupted",
+    "ServerError",
+    "UsageError",
+]
+
+
+class ParslChatError(Exception):
+    """Base of every error parsl-chat raises on purpose."""
+
+    exit_code = 1
+    #: One line telling the user what to do next (printed after the message).
+    hint: str | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class UsageError(ParslChatError):
+    """Bad command-line use; nothing was sent."""
+
+    exit_code = 2
+
+
+class InputError(UsageError):
+    """A bad prompts file. ``problems`` holds every ``file:line: what`` line found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problems = problems or []
+
+
+class ConfigError(UsageError):
+    """A bad profile, config file, environment variable or option value."""
+
+
+class OutputError(UsageError):
+    """The run directory cannot be created or written."""
+
+
+class ServerError(ParslChatError):
+    """The model server could not be started or never became ready."""
+
+    exit_code = 2
+
+
+class ExecutorError(ParslChatError):
+    """The execution backend (Parsl, SLURM, Kubernetes) could not be brought up."""
+
+    exit_code = 2
+
+
+class RunFailed(ParslChatError):
+    """The run finished, but with more failed prompts than ``--max-failures`` allows."""
+
+    exit_code = 1
+
+
+class RunInterrupted(ParslChatError):
+    """A signal or the walltime stopped the run; the run directory can be resumed."""
+
+    exit_code = 3

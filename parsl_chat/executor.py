@@ -1,0 +1,325 @@
+"""Running chunks of prompts: the worker side and the two backends.
+
+A *chunk* is a list of work items (a prompt, or all turns of a conversation)
+sent to one worker as one task. The worker runs the chunk's requests
+concurrently on a persistent event loop, with per-agent slots, and returns one
+row per prompt. The same :func:`run_chunk` runs under Parsl
+(:class:`ParslBackend`) and in-process (:class:`InProcessBackend`), so
+``--no-parsl`` exercises the very code the cluster runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import httpx
+
+from .agents import AgentSpec, Outcome, RequestFailure, chat_completion
+from .config import LimitsConfig
+from .limits import AgentLimits
+
+__all__ = [
+    "Backend",
+    "ChunkTask",
+    "InProcessBackend",
+    "WorkItem",
+    "iso",
+    "run_chunk",
+    "where_am_i",
+]
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO-8601 UTC with microseconds (the ledger's timestamp format)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
+class WorkItem:
+    """One unit a single agent slot handles: a prompt, or a conversation's turns in order."""
+
+    prompts: list[dict[str, Any]]  # Prompt.to_dict() plus "digest"
+    agent: int | None  # None: the first free slot decides (least_loaded)
+    submitted_at: float = 0.0
+
+
+@dataclass
+class ChunkTask:
+    """Everything a worker needs to run one chunk; pickled to the worker."""
+
+    run_id: str
+    chunk_id: int
+    agents: list[AgentSpec]
+    slots: list[int]  # per-agent concurrency in this worker
+    limits: LimitsConfig
+    items: list[WorkItem]
+    stop_file: str | None = None  # when it exists, start nothing new (shared filesystem signal)
+    node_server: Any = None  # ServerConfig when each node runs its own model server
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def where_am_i() -> dict[str, str | None]:
+    """Placement columns for the rows this process produces."""
+    hostname = socket.gethostname()
+    node = os.environ.get("SLURMD_NODENAME") or os.environ.get("PARSL_CHAT_POD_NODE") or hostname
+    rank = os.environ.get("PARSL_WORKER_RANK")
+    worker = f"{node}/w{rank}" if rank is not None else f"{node}/p{os.getpid()}-t{threading.get_ident() % 10000}"
+    return {
+        "hostname": hostname,
+        "node": node,
+        "worker": worker,
+        "block": os.environ.get("PARSL_WORKER_BLOCK_ID"),
+        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("PARSL_CHAT_POD_NAME"),
+    }
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _WorkerState:
+    """Per-process state kept across chunks: one event loop, pooled connections, limits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="parsl-chat-loop", daemon=True)
+        self.thread.start()
+        self.client: httpx.AsyncClient | None = None
+        self.limits: dict[tuple[str, str], AgentLimits] = {}
+        self.endpoint_override: dict[str, str] = {}
+
+    def get_client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            self.client = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=None
+            )
+        return self.client
+
+    def limits_for(self, run_id: str, agent: AgentSpec, slots: int, cfg: LimitsConfig) -> AgentLimits:
+        key = (run_id, agent.name)
+        lim = self.limits.get(key)
+        if lim is None or lim.max_slots != slots:
+            lim = AgentLimits(slots, cfg.requests_per_minute, cfg.tokens_per_minute)
+            self.limits[key] = lim
+        return lim
+
+
+_STATE: _WorkerState | None = None
+_STATE_LOCK = threading.Lock()
+
+
+def _state() -> _WorkerState:
+    global _STATE
+    with _STATE_LOCK:
+        if _STATE is None or not _STATE.thread.is_alive():
+            _STATE = _WorkerState()
+        return _STATE
+
+
+def run_chunk(task: ChunkTask) -> list[dict[str, Any]]:
+    """Run one chunk and return a row per prompt it finished (the Parsl app body)."""
+    state = _state()
+    future = asyncio.run_coroutine_threadsafe(_run_chunk(task, state), state.loop)
+    return future.result()
+
+
+async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any]]:
+    place = where_am_i()
+    agents = task.agents
+    if task.node_server is not None:
+        agents = _with_node_server(task, state)
+    client = state.get_client()
+    limits = [state.limits_for(task.run_id, a, s, task.limits) for a, s in zip(agents, task.slots, strict=True)]
+    own: list[deque[WorkItem]] = [deque() for _ in agents]
+    shared: deque[WorkItem] = deque()
+    for item in task.items:
+        (shared if item.agent is None else own[item.agent]).append(item)
+    rows: list[dict[str, Any]] = []
+    stop_checked = [0.0, False]
+
+    def stopping() -> bool:
+        # a stat per item is cheap, but at thousands of items/s it is worth rate-limiting
+        if task.stop_file is None:
+            return False
+        now = time.monotonic()
+        if now - stop_checked[0] > 0.2:
+            stop_checked[0] = now
+            stop_checked[1] = os.path.exists(task.stop_file)
+        return bool(stop_checked[1])
+
+    async def slot_loop(idx: int) -> None:
+        agent, lim = agents[idx], limits[idx]
+        while True:
+            if stopping():
+                return
+            if own[idx]:
+                item = own[idx].popleft()
+            elif shared:
+                await lim.wait_for_server_queue(client, agent)
+                if not shared:
+                    return
+                item = shared.popleft()
+            else:
+                return
+            await _run_item(item, idx, agent, lim, client, task, place, rows, stopping)
+
+    runners = [asyncio.create_task(slot_loop(i)) for i, s in enumerate(task.slots) for _ in range(s)]
+    await asyncio.gather(*runners)
+    return rows
+
+
+async def _run_item(
+    item: WorkItem,
+    idx: int,
+    agent: AgentSpec,
+    lim: AgentLimits,
+    client: httpx.AsyncClient,
+    task: ChunkTask,
+    place: dict[str, str | None],
+    rows: list[dict[str, Any]],
+    stopping: Callable[[], bool],
+) -> None:
+    history: list[dict[str, Any]] = [{"role": "system", "content": agent.system_prompt}] if agent.system_prompt else []
+    failed_turn: int | None = None
+    for prompt in item.prompts:
+        messages = list(prompt["messages"])
+        if messages and messages[0].get("role") in ("system", "developer"):
+            history = []  # the prompt brings its own system prompt
+        if failed_turn is not None:
+            outcome = Outcome(
+                status="error",
+                attempts=0,
+                started_at=None,
+                finished_at=None,
+                error_type="other",
+                error=f"not sent: turn {failed_turn} of this conversation failed",
+            )
+        else:
+            async with lim.slot():
+                await lim.admit(prompt)
+
+                def note(failure: RequestFailure) -> None:
+                    lim.on_failure(failure.error_type)
+
+                outcome = await chat_completion(
+                    client,
+                    agent,
+                    history + messages,
+                    model=prompt.get("model"),
+                    params=prompt.get("params"),
+                    max_attempts=task.limits.max_attempts,
+                    timeout_s=task.limits.timeout_s,
+                    backoff_s=task.limits.backoff_s,
+                    backoff_max_s=task.limits.backoff_max_s,
+                    on_failure=note,
+                    should_stop=stopping,
+                )
+                if outcome.status == "ok":
+                    lim.on_success(outcome.completion_tokens or 0, outcome.prompt_tokens or 0)
+        rows.append(_row(prompt, agent, outcome, item.submitted_at, place))
+        if outcome.status != "ok" and failed_turn is None and prompt.get("conversation") is not None:
+            failed_turn = prompt.get("turn") or 0
+        history = history + messages + [{"role": "assistant", "content": outcome.response or ""}]
+
+
+def _row(
+    prompt: dict[str, Any], agent: AgentSpec, outcome: Outcome, submitted_at: float, place: dict[str, Any]
+) -> dict[str, Any]:
+    started = outcome.started_at
+    return {
+        "custom_id": prompt["custom_id"],
+        "line": prompt["line"],
+        "agent": agent.name,
+        "model": outcome.model or prompt.get("model") or agent.model,
+        "endpoint": agent.endpoint,
+        **place,
+        "conversation": prompt.get("conversation"),
+        "turn": prompt.get("turn"),
+        "status": outcome.status,
+        "error_type": outcome.error_type,
+        "error": outcome.error,
+        "attempts": outcome.attempts,
+        "submitted_at": iso(submitted_at),
+        "started_at": iso(started),
+        "finished_at": iso(outcome.finished_at),
+        "queue_s": round(started - submitted_at, 6) if started is not None else None,
+        "latency_s": round(outcome.finished_at - started, 6) if started is not None and outcome.finished_at else None,
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "finish_reason": outcome.finish_reason,
+        "response": outcome.response,
+        "digest": prompt.get("digest"),
+    }
+
+
+def _with_node_server(task: ChunkTask, state: _WorkerState) -> list[AgentSpec]:
+    """Point agents without an endpoint of their own at this node's model server."""
+    from dataclasses import replace
+
+    from .server import node_server
+
+    url = state.endpoint_override.get(task.run_id)
+    if url is None:
+        url = node_server(task.node_server, task.run_id)
+        state.endpoint_override[task.run_id] = url
+    placeholder = task.extra.get("node_endpoint_placeholder")
+    return [replace(a, endpoint=url) if a.endpoint == placeholder else a for a in task.agents]
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class Backend(Protocol):
+    """Where chunks run. Both backends hand back concurrent.futures.Future objects."""
+
+    label: str
+    workers: int
+
+    def start(self) -> None: ...
+
+    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]: ...
+
+    def shutdown(self) -> None: ...
+
+    def blocks(self) -> list[dict[str, Any]]: ...
+
+
+class InProcessBackend:
+    """``--no-parsl``: the same chunks, run by a thread pool in this process."""
+
+    label = "in-process"
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._started = time.time()
+
+    def __repr__(self) -> str:
+        return f"InProcessBackend(workers={self.workers})"
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="parsl-chat-worker")
+
+    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
+        assert self._pool is not None, "start() first"
+        return self._pool.submit(run_chunk, task)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def blocks(self) -> list[dict[str, Any]]:
+        place = where_am_i()
+        return [{"block": None, "job_id": None, "submitted_at": iso(self._started), "ended_at": None, "nodes": [place["node"]]}]

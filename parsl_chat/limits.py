@@ -1,0 +1,144 @@
+"""How much each agent may be asked at once, and how fast.
+
+:class:`AgentLimits` is one agent's budget inside one worker process:
+
+* a concurrency window that starts at the configured slots, halves on 429s
+  and timeouts and grows by one slot per window of successes (AIMD, as TCP
+  does), never above the configured limit;
+* requests-per-minute and tokens-per-minute token buckets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+__all__ = ["AgentLimits", "TokenBucket"]
+
+#: failures that mean "too much": shrink the window
+_THROTTLE = frozenset({"rate_limit", "timeout"})
+
+
+class TokenBucket:
+    """A per-minute budget refilled continuously; ``rate_per_min`` 0 means unlimited."""
+
+    def __init__(self, rate_per_min: float) -> None:
+        self.rate = rate_per_min / 60.0
+        self.capacity = max(1.0, rate_per_min / 60.0 * 5)  # at most ~5 s of burst
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    async def take(self, amount: float = 1.0) -> None:
+        if self.rate <= 0:
+            return
+        while True:
+            self._refill()
+            if self.level >= min(amount, self.capacity):
+                self.level -= amount  # may go negative for a large request: later ones wait it off
+                return
+            await asyncio.sleep((min(amount, self.capacity) - self.level) / self.rate)
+
+    def charge(self, amount: float) -> None:
+        """Account for usage known only afterwards (tokens of the answer)."""
+        if self.rate > 0:
+            self._refill()
+            self.level -= amount
+
+
+class AgentLimits:
+    """One agent's concurrency window and rate budgets in this worker."""
+
+    def __init__(self, max_slots: int, requests_per_minute: int = 0, tokens_per_minute: int = 0) -> None:
+        self.max_slots = max_slots
+        self.window = float(max_slots)
+        self.in_flight = 0
+        self._cond: asyncio.Condition | None = None
+        self.requests = TokenBucket(requests_per_minute)
+        self.tokens = TokenBucket(tokens_per_minute)
+        self._metrics_checked = 0.0
+        self._server_waiting = 0
+
+    def __repr__(self) -> str:
+        return f"AgentLimits(window={self.window:.1f}/{self.max_slots}, in_flight={self.in_flight})"
+
+    @property
+    def cond(self) -> asyncio.Condition:
+        if self._cond is None:  # created lazily: it binds to the running loop
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self.cond:
+            await self.cond.wait_for(lambda: self.in_flight < max(1, int(self.window)))
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            async with self.cond:
+                self.in_flight -= 1
+                self.cond.notify_all()
+
+    async def admit(self, prompt: dict[str, Any]) -> None:
+        """Wait for the request and token budgets (prompt tokens estimated from characters)."""
+        await self.requests.take(1)
+        if self.tokens.rate > 0:
+            chars = sum(len(str(m.get("content", ""))) for m in prompt.get("messages", ()))
+            await self.tokens.take(max(1, chars // 4))
+
+    def on_success(self, completion_tokens: int, prompt_tokens: int) -> None:
+        self.tokens.charge(completion_tokens)
+        if self.window < self.max_slots:
+            self.window = min(self.max_slots, self.window + 1.0 / max(1.0, self.window))
+
+    def on_failure(self, error_type: str) -> None:
+        if error_type in _THROTTLE:
+            self.window = max(1.0, self.window / 2)
+
+    async def wait_for_server_queue(self, client: httpx.AsyncClient, agent: Any) -> None:
+        """least_loaded: hold back while this agent's server reports a queue of its own.
+
+        Servers without ``/metrics`` (or with it disabled) are treated as having no queue.
+        """
+        now = time.monotonic()
+        if now - self._metrics_checked > 1.0:
+            self._metrics_checked = now
+            self._server_waiting = await _server_waiting(client, agent.endpoint)
+        if self._server_waiting > 0:
+            await asyncio.sleep(min(0.05 * self._server_waiting, 0.5))
+
+
+_NO_METRICS: set[str] = set()
+
+
+async def _server_waiting(client: httpx.AsyncClient, endpoint: str) -> int:
+    """Requests waiting in the server's own queue, from Prometheus metrics (llama.cpp, vLLM)."""
+    base = endpoint[: -len("/v1")] if endpoint.endswith("/v1") else endpoint
+    if base in _NO_METRICS:
+        return 0
+    try:
+        response = await client.get(f"{base}/metrics", timeout=0.5)
+    except httpx.HTTPError:
+        _NO_METRICS.add(base)
+        return 0
+    if response.status_code != 200:
+        _NO_METRICS.add(base)
+        return 0
+    waiting = 0.0
+    for line in response.text.splitlines():
+        if line.startswith(("llamacpp:requests_deferred", "vllm:num_requests_waiting")):
+            try:
+                waiting += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+    return int(waiting)

@@ -1,0 +1,770 @@
+"""The batch job: read, route, dispatch in chunks, record, summarise.
+
+:func:`execute_run` is what ``parsl-chat run`` does. It is backend-agnostic:
+chunks go to Parsl or to an in-process pool through the same interface, and
+every finished row goes through the ledger before anything else sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from . import __version__
+from .agents import AgentSpec, resolve_agents
+from .config import Secret, Settings, load_settings, parse_max_failures
+from .errors import ConfigError, InputError, OutputError, RunFailed, RunInterrupted
+from .executor import Backend, ChunkTask, InProcessBackend, WorkItem, iso
+from .ledger import Ledger, LedgerIndex, digest_matches
+from .progress import RunProgress
+from .prompts import LineProblem, Prompt, PromptSource, ScanResult, iter_prompts, scan, spool_stdin
+from .results import write_results
+from .routing import Router
+
+__all__ = ["NODE_LOCAL_ENDPOINT", "RunOptions", "RunOutcome", "execute_run", "new_run_dir"]
+
+log = logging.getLogger("parsl_chat.run")
+
+#: agents' endpoint while each node's own model server is not yet known
+NODE_LOCAL_ENDPOINT = "node-local://model-server/v1"
+CHUNK_RETRIES = 3
+
+
+@dataclass
+class RunOptions:
+    """Everything ``run`` was asked to do, as given on the command line."""
+
+    prompts: str | None
+    profile: str | None = None
+    config_file: str | None = None
+    out: Path | None = None
+    resume: Path | None = None
+    no_parsl: bool = False
+    dry_run: bool = False
+    skip_invalid: bool = False
+    retry_failed: bool = False
+    force: bool = False
+    quiet: bool = False
+    cli_settings: dict[str, Any] = field(default_factory=dict)
+    argv: list[str] = field(default_factory=list)
+    grace_s: float = 15.0
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    exit_code: int
+    summary: dict[str, Any]
+    message: str
+
+
+def new_run_dir(base: Path = Path("runs")) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return base / f"{stamp}-{secrets.token_hex(3)}"
+
+
+# --------------------------------------------------------------------------- preparing
+
+
+class _Stop:
+    """Set by signals and the walltime watch; read by the dispatch loop."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.hard = False
+
+    def __bool__(self) -> bool:
+        return self.reason is not None
+
+
+def _prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
+    """The run directory (new or resumed) and, when resuming, its previous run.json."""
+    if opts.resume is not None:
+        run_dir = opts.resume
+        meta_path = run_dir / "run.json"
+        if not meta_path.is_file():
+            raise OutputError(f"{run_dir}: not a parsl-chat run directory (no run.json)")
+        try:
+            previous = json.loads(meta_path.read_text())
+        except ValueError:
+            raise OutputError(f"{meta_path}: unreadable run metadata") from None
+        return run_dir, previous
+    run_dir = opts.out or new_run_dir()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise OutputError(
+            f"{run_dir}: output directory exists and is not empty",
+            hint=f"resume it with 'parsl-chat run --resume {run_dir}', or choose another --out",
+        )
+    return run_dir, {}
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{run_dir}: cannot write the run directory: {exc.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < 50 * 1024 * 1024:
+        raise OutputError(f"{run_dir}: only {free // (1024 * 1024)} MiB free on this filesystem; need at least 50 MiB")
+
+
+class _SecretFilter(logging.Filter):
+    """Replaces known secret values in every log record (no key in any log file)."""
+
+    def __init__(self, values: list[str]) -> None:
+        super().__init__()
+        self.values = [v for v in values if v]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.values:
+            text = record.getMessage()
+            for value in self.values:
+                text = text.replace(value, "***")
+            record.msg, record.args = text, None
+        return True
+
+
+def _setup_logging(run_dir: Path, settings: Settings, debug: bool) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "logs" / "parsl-chat.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_SecretFilter(_secret_values(settings)))
+    root = logging.getLogger("parsl_chat")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    return handler
+
+
+def _secret_values(settings: Settings) -> list[str]:
+    values = [settings.run.api_key.reveal()] if settings.run.api_key else []
+    values += [a.api_key.reveal() for a in settings.run.agents if a.api_key]
+    return values
+
+
+def _resolve_settings(opts: RunOptions, previous: dict[str, Any]) -> Settings:
+    saved = previous.get("options", {})
+    profile = opts.profile or saved.get("profile") or "local"
+    config_file = opts.config_file or saved.get("config_file")
+    cli = {**saved.get("cli", {}), **{k: v for k, v in opts.cli_settings.items() if v is not None}}
+    return load_settings(profile, config_file, cli)
+
+
+def _prompts_path(opts: RunOptions, run_dir: Path, previous: dict[str, Any]) -> Path:
+    given = opts.prompts
+    if given is None:
+        if not previous.get("prompts_file"):
+            raise InputError("no prompts file given")
+        return Path(previous["prompts_file"])
+    if given == "-":
+        return spool_stdin(run_dir / "prompts.jsonl")
+    return Path(given).resolve()
+
+
+def _endpoint_and_server(settings: Settings, local_driver: bool) -> tuple[str | None, str, Secret | None, str]:
+    """(endpoint, model, api key, how): ``how`` is 'given', 'driver' or 'per-node'."""
+    run = settings.run
+    model = run.model or run.server.model
+    if run.endpoint or (run.agents and all(a.endpoint for a in run.agents)):
+        return run.endpoint, run.model or "default", run.api_key, "given"
+    if run.server.kind == "none":
+        raise ConfigError(
+            "no endpoint configured and the model server is disabled (server.kind: none)",
+            hint="give --endpoint URL --model NAME, set OPENAI_BASE_URL, or set server.kind to embedded",
+        )
+    return None, model, run.api_key, "driver" if local_driver else "per-node"
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def _chunk_size(agents: list[AgentSpec], slots: list[int], workers: int, total: int, configured: int) -> int:
+    if configured > 0:
+        return configured
+    per_worker = sum(slots)
+    size = per_worker * 4  # four rounds of the worker's slots: keeps slots busy, results flowing
+    spread = math.ceil(total / (2 * workers)) if total else size  # small runs still use every worker
+    return max(1, min(size, spread, 512))
+
+
+def _slots_per_worker(agents: list[AgentSpec], workers: int, in_process: bool) -> list[int]:
+    if in_process:  # one process shares each agent's limit across all its chunks
+        return [a.concurrency for a in agents]
+    return [max(1, round(a.concurrency / workers)) for a in agents]
+
+
+def _work_items(
+    source: PromptSource,
+    scanned: ScanResult,
+    index: LedgerIndex | None,
+    retry_failed: bool,
+    router: Router,
+    skipped: list[LineProblem],
+) -> Iterator[WorkItem]:
+    """Stream work items: single prompts at once, conversations once their last turn is read."""
+    open_convs: dict[str, list[dict[str, Any]]] = {}
+    for item in iter_prompts(source, skip_lines=scanned.duplicate_lines):
+        if isinstance(item, LineProblem):
+            skipped.append(item)
+            continue
+        record = item.to_dict()
+        record["digest"] = item.digest
+        if item.conversation is not None:
+            turns = open_convs.setdefault(item.conversation, [])
+            turns.append(record)
+            if scanned.conversation_ends.get(item.conversation) != item.line:
+                continue
+            del open_convs[item.conversation]
+            if index is not None and all(_done(index, t["custom_id"], retry_failed) for t in turns):
+                continue
+            pin = next((t["agent"] for t in turns if t.get("agent")), None)
+            yield WorkItem(prompts=turns, agent=router.assign(pin))
+            continue
+        if index is not None and _done(index, item.custom_id, retry_failed):
+            continue
+        yield WorkItem(prompts=[record], agent=router.assign(item.agent))
+
+
+def _done(index: LedgerIndex, custom_id: str, retry_failed: bool) -> bool:
+    found = index.lookup(custom_id)
+    if found is None:
+        return False
+    ok, _digest = found
+    return ok or not retry_failed
+
+
+def _check_resume(source: PromptSource, index: LedgerIndex, previous: dict[str, Any], agents: list[AgentSpec]) -> list[str]:
+    """What changed since the run started: prompts (by content hash) and models."""
+    changes = []
+    changed = 0
+    for item in source.parse():
+        if isinstance(item, Prompt):
+            found = index.lookup(item.custom_id)
+            if found is not None and not digest_matches(found[1], item.digest):
+                changed += 1
+                if changed <= 5:
+                    changes.append(f"{source.path}:{item.line}: prompt {item.custom_id!r} differs from the one already answered")
+    if changed > 5:
+        changes.append(f"... and {changed - 5} more changed prompts")
+    before = {a["name"]: a.get("model") for a in previous.get("agents", [])}
+    for agent in agents:
+        if agent.name in before and before[agent.name] != agent.model and agent.model != "default":
+            changes.append(f"agent {agent.name!r}: model was {before[agent.name]!r}, now {agent.model!r}")
+    return changes
+
+
+# --------------------------------------------------------------------------- walltime
+
+
+def slurm_time_left_s() -> float | None:
+    """Seconds left in this SLURM job (22.05 sets no SLURM_JOB_END_TIME: ask squeue)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_slurm_duration(out)
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """``[D-]HH:MM:SS``, ``MM:SS`` or ``SS`` as seconds; None for UNLIMITED / unparsable."""
+    text = text.strip()
+    if not text or text.upper() in ("UNLIMITED", "NOT_SET", "INVALID"):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    try:
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        return None
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts[-3:]
+    return float(days * 86400 + h * 3600 + m * 60 + s)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunOutcome:
+    run_dir, previous = _prepare_dir(opts)
+    if not opts.dry_run:
+        _check_writable(run_dir)
+    settings = _resolve_settings(opts, previous)
+    prompts_path = _prompts_path(opts, run_dir, previous)
+    source = PromptSource(prompts_path)
+    scanned = scan(source)
+    if not scanned.ok and not opts.skip_invalid:
+        raise InputError(
+            f"{prompts_path}: {scanned.problem_count} bad line(s); nothing was sent",
+            [str(p) for p in scanned.problems],
+            hint="fix them (parsl-chat validate lists every one) or run with --skip-invalid to record them as errors",
+        )
+
+    local_driver = opts.no_parsl or settings.profile.executor == "local"
+    endpoint, model, api_key, how = _endpoint_and_server(settings, local_driver)
+    agents = resolve_agents(settings, endpoint or NODE_LOCAL_ENDPOINT, model, api_key)
+    router = Router(agents, settings.run.routing)
+    unknown = router.unknown_pins(list(scanned.pinned_agents))
+    if unknown:
+        name = unknown[0]
+        raise InputError(
+            f"{prompts_path}:{scanned.pinned_agents[name]}: field 'agent': unknown agent {name!r}; "
+            f"agents of this run: {', '.join(router.names)}"
+        )
+
+    from .profiles import total_workers
+
+    workers = settings.profile.workers if opts.no_parsl else total_workers(settings.profile)
+    if opts.dry_run:
+        return _dry_run(console, settings, agents, scanned, workers, opts, how, run_dir)
+
+    handler = _setup_logging(run_dir, settings, debug)
+    try:
+        return _run(opts, console, settings, run_dir, previous, source, scanned, agents, router, workers, how, opts.no_parsl)
+    finally:
+        logging.getLogger("parsl_chat").removeHandler(handler)
+        handler.close()
+
+
+def _dry_run(
+    console: Console,
+    settings: Settings,
+    agents: list[AgentSpec],
+    scanned: ScanResult,
+    workers: int,
+    opts: RunOptions,
+    how: str,
+    run_dir: Path,
+) -> RunOutcome:
+    from .profiles import plan_lines
+
+    lines = [f"prompts: {scanned.valid} valid" + (f", {scanned.problem_count} bad (skipped)" if scanned.problem_count else "")]
+    lines += ["backend: in-process (--no-parsl)" if opts.no_parsl else "backend: Parsl HighThroughputExecutor"]
+    lines += plan_lines(settings.profile) if not opts.no_parsl else [f"workers: {settings.profile.workers} threads"]
+    server = {
+        "given": "endpoints as configured",
+        "driver": f"model server: {settings.run.server.kind} ({settings.run.server.model}) started on this machine",
+        "per-node": f"model server: {settings.run.server.kind} ({settings.run.server.model}) started on each node",
+    }[how]
+    lines.append(server)
+    lines.append(
+        f"routing: {settings.run.routing}; {len(agents)} agents, {sum(a.concurrency for a in agents)} requests in flight at most"
+    )
+    for agent in agents:
+        endpoint = agent.endpoint
+        if agent.endpoint == NODE_LOCAL_ENDPOINT:
+            endpoint = "the embedded model server" if how == "driver" else "each node's model server"
+        lines.append(
+            f"  agent {agent.name}: model {agent.model}, {endpoint}, concurrency {agent.concurrency}, weight {agent.weight:g}"
+        )
+    lines.append(f"output: {run_dir}")
+    console.print("\n".join(lines), markup=False, highlight=False)
+    return RunOutcome(run_dir, 0, {}, "dry run: nothing sent")
+
+
+def _write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, run_dir / "run.json")
+
+
+def _run(
+    opts: RunOptions,
+    console: Console,
+    settings: Settings,
+    run_dir: Path,
+    previous: dict[str, Any],
+    source: PromptSource,
+    scanned: ScanResult,
+    agents: list[AgentSpec],
+    router: Router,
+    workers: int,
+    how: str,
+    in_process: bool,
+) -> RunOutcome:
+    from .profiles import ParslBackend, cancel_slurm_jobs
+
+    run_id = previous.get("run_id") or run_dir.name
+    ledger_path = run_dir / "ledger.jsonl"
+    index = LedgerIndex.load(ledger_path) if opts.resume is not None else None
+    if index is not None:
+        changes = _check_resume(source, index, previous, agents)
+        if changes and not opts.force:
+            raise InputError(
+                f"{run_dir}: the prompts or models changed since this run started; nothing was sent",
+                changes,
+                hint="resume with the original prompts file and config, or add --force to answer the changed prompts anew",
+            )
+        stale = [b["job_id"] for b in previous.get("blocks", []) if b.get("job_id")]
+        if stale and previous.get("executor") == "slurm":
+            cancelled = cancel_slurm_jobs(stale)
+            if cancelled:
+                console.print(f"cancelled {len(cancelled)} SLURM job(s) left by the previous driver: {', '.join(cancelled)}")
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings.as_dict(redact=True), sort_keys=False))
+    stop_file = run_dir / ".stop"
+    stop_file.unlink(missing_ok=True)
+    meta: dict[str, Any] = {
+        "run_id": run_id,
+        "version": __version__,
+        "command": opts.argv,
+        "prompts_file": str(source.path),
+        "started_at": previous.get("started_at") or iso(time.time()),
+        "resumed_at": [*previous.get("resumed_at", []), iso(time.time())] if previous else [],
+        "finished_at": None,
+        "status": "running",
+        "executor": "in-process" if in_process else settings.profile.executor,
+        "profile": settings.profile.name,
+        "workers": workers,
+        "agent_slots": sum(a.concurrency for a in agents),
+        "agents": [a.describe() for a in agents],
+        "routing": router.policy,
+        "blocks": list(previous.get("blocks", [])),
+        "cost": {k: v for k, v in vars(settings.run.cost).items() if v is not None} or None,
+        "options": {
+            "profile": opts.profile or previous.get("options", {}).get("profile") or "local",
+            "config_file": str(Path(opts.config_file).resolve())
+            if opts.config_file
+            else previous.get("options", {}).get("config_file"),
+            "cli": {
+                **previous.get("options", {}).get("cli", {}),
+                **{k: v for k, v in opts.cli_settings.items() if v is not None},
+            },
+        },
+    }
+    _write_meta(run_dir, meta)
+
+    stop = _Stop()
+    previous_handlers = _install_signals(stop, stop_file)
+    server = None
+    backend: Backend | None = None
+    ledger = Ledger(ledger_path).open()
+    skipped: list[LineProblem] = []
+    node_server_cfg = None
+    try:
+        if how == "driver":
+            from .server import ModelServer
+
+            server = ModelServer(settings.run.server, log_path=run_dir / "logs" / "model-server.log")
+            console.print(f"starting the embedded model server ({settings.run.server.model}) ...", style="dim")
+            url = server.start()
+            agents = [replace(a, endpoint=url) if a.endpoint == NODE_LOCAL_ENDPOINT else a for a in agents]
+            meta["agents"] = [a.describe() for a in agents]
+        elif how == "per-node":
+            node_server_cfg = settings.run.server
+
+        backend = (
+            InProcessBackend(settings.profile.workers)
+            if in_process
+            else ParslBackend(settings.profile, run_id, run_dir / "logs" / "parsl")
+        )
+        backend.start()
+        deadline = _walltime_deadline()
+        slots = _slots_per_worker(agents, workers, in_process)
+        total = scanned.valid - (len(index) if index is not None else 0)
+        if index is not None and opts.retry_failed:
+            total += index.failed
+        chunk_size = _chunk_size(agents, slots, workers, max(total, 0), settings.run.limits.chunk_size)
+        log.info("run %s: %d agents, %d workers, chunk size %d, backend %r", run_id, len(agents), workers, chunk_size, backend)
+        with RunProgress(max(total, 0), console=console, quiet=opts.quiet) as progress:
+            _dispatch(
+                backend=backend,
+                items=_work_items(source, scanned, index, opts.retry_failed, router, skipped),
+                make_task=lambda cid, items: ChunkTask(
+                    run_id=run_id,
+                    chunk_id=cid,
+                    agents=agents,
+                    slots=slots,
+                    limits=settings.run.limits,
+                    items=items,
+                    stop_file=str(stop_file),
+                    node_server=node_server_cfg,
+                    extra={"node_endpoint_placeholder": NODE_LOCAL_ENDPOINT},
+                ),
+                chunk_size=chunk_size,
+                in_flight=max(2, 2 * workers),
+                ledger=ledger,
+                progress=progress,
+                stop=stop,
+                stop_file=stop_file,
+                deadline=deadline,
+                grace_s=opts.grace_s,
+                on_tick=lambda: _update_blocks(meta, backend, run_dir),
+            )
+        if skipped:
+            ledger.append(_invalid_rows(skipped, agents))
+    except KeyboardInterrupt:
+        stop.reason = stop.reason or "interrupted"
+        stop.hard = True
+    finally:
+        if backend is not None:
+            _update_blocks(meta, backend, run_dir)
+            backend.shutdown()
+            _update_blocks(meta, backend, run_dir, ended=True)
+        if server is not None:
+            server.stop()
+        ledger.close()
+        _restore_signals(previous_handlers)
+        stop_file.unlink(missing_ok=True)
+
+    count = write_results(run_dir)
+    meta["finished_at"] = iso(time.time())
+    summary = _write_summary(run_dir, meta)
+    failed = int(summary.get("counts", {}).get("error", 0))
+    prompts = scanned.valid + len(skipped)
+    if stop:
+        meta["status"] = "interrupted"
+        _write_meta(run_dir, meta)
+        _write_summary(run_dir, meta)
+        resume = f"parsl-chat run --resume {run_dir}"
+        raise RunInterrupted(
+            f"run stopped ({stop.reason}) with {count} of {prompts} prompts recorded in {run_dir}",
+            hint=f"finish it with: {resume}",
+        )
+    max_count, max_share = parse_max_failures(settings.run.max_failures)
+    allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
+    meta["status"] = "failed" if failed > allowed else "complete"
+    _write_meta(run_dir, meta)
+    summary = _write_summary(run_dir, meta)
+    message = f"{count} prompts, {count - failed} ok, {failed} failed; results in {run_dir}"
+    if failed > allowed:
+        by_type = summary.get("counts", {}).get("errors_by_type", {})
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(by_type.items()))
+        raise RunFailed(
+            f"{failed} of {count} prompts failed ({detail}); --max-failures allows {allowed}; results in {run_dir}",
+            hint=f"see the 'error' column of {run_dir / 'results.csv'}; "
+            f"re-send the failed ones with: parsl-chat run --resume {run_dir} --retry-failed",
+        )
+    return RunOutcome(run_dir, 0, summary, message)
+
+
+def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from .analysis import load_run, summarize
+
+    _write_meta(run_dir, meta)
+    summary = summarize(load_run(run_dir))
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, run_dir / "summary.json")
+    return summary
+
+
+def _update_blocks(meta: dict[str, Any], backend: Backend | None, run_dir: Path, ended: bool = False) -> None:
+    """Keep run.json's block list current: a later ``cleanup`` needs the job ids after a crash."""
+    if backend is None:
+        return
+    known = {b.get("block"): b for b in meta["blocks"] if b.get("block") is not None}
+    current = backend.blocks()
+    changed = False
+    for block in current:
+        key = block.get("block")
+        old = known.get(key)
+        if old is None or old.get("job_id") != block.get("job_id") or old.get("nodes") != block.get("nodes"):
+            changed = True
+        if ended and not block.get("ended_at"):
+            block["ended_at"] = iso(time.time())
+            changed = True
+        if old is not None and old.get("submitted_at"):
+            block["submitted_at"] = old["submitted_at"]
+        known[key] = block
+    if not meta["blocks"] and current and current[0].get("block") is None:
+        meta["blocks"] = current
+        changed = True
+    elif changed:
+        meta["blocks"] = [b for b in meta["blocks"] if b.get("block") is None] + [v for k, v in known.items() if k is not None]
+    if changed:
+        _write_meta(run_dir, meta)
+
+
+def _invalid_rows(problems: list[LineProblem], agents: list[AgentSpec]) -> list[dict[str, Any]]:
+    now = iso(time.time())
+    return [
+        {
+            "custom_id": p.custom_id or f"line-{p.line}",
+            "line": p.line,
+            "agent": None,
+            "status": "error",
+            "error_type": "invalid_input",
+            "error": p.message,
+            "attempts": 0,
+            "submitted_at": now,
+        }
+        for p in problems
+    ]
+
+
+def _walltime_deadline() -> float | None:
+    """Monotonic time by which dispatch must stop to exit cleanly inside a SLURM job."""
+    left = slurm_time_left_s()
+    if left is None:
+        return None
+    margin = float(os.environ.get("PARSL_CHAT_WALLTIME_MARGIN_S", "0") or 0) or max(30.0, 0.05 * left)
+    margin = min(margin, left * 0.5)
+    log.info(
+        "inside SLURM job %s: %.0f s left, stopping dispatch %.0f s before the end", os.environ.get("SLURM_JOB_ID"), left, margin
+    )
+    return time.monotonic() + left - margin
+
+
+def _dispatch(
+    *,
+    backend: Backend,
+    items: Iterator[WorkItem],
+    make_task: Any,
+    chunk_size: int,
+    in_flight: int,
+    ledger: Ledger,
+    progress: RunProgress,
+    stop: _Stop,
+    stop_file: Path,
+    deadline: float | None,
+    grace_s: float,
+    on_tick: Any,
+) -> None:
+    """Keep ``in_flight`` chunks submitted; record each chunk's rows as it returns."""
+    pending: dict[Future[list[dict[str, Any]]], tuple[ChunkTask, int]] = {}
+    chunk_id = 0
+    exhausted = False
+    last_tick = 0.0
+    note_rows = getattr(backend, "note_rows", None)
+
+    def submit(task: ChunkTask, tries: int) -> None:
+        now = time.time()
+        for item in task.items:
+            item.submitted_at = item.submitted_at or now
+        pending[backend.submit(task)] = (task, tries)
+
+    def take_chunk() -> list[WorkItem]:
+        batch: list[WorkItem] = []
+        size = 0
+        for item in items:
+            batch.append(item)
+            size += len(item.prompts)
+            if size >= chunk_size:
+                break
+        return batch
+
+    grace_until: float | None = None
+    while True:
+        if deadline is not None and not stop and time.monotonic() >= deadline:
+            stop.reason = "walltime"
+            stop_file.touch()
+        if stop and grace_until is None:
+            grace_until = time.monotonic() + grace_s
+            log.warning("stopping (%s): no new chunks, waiting up to %.0f s for %d in flight", stop.reason, grace_s, len(pending))
+        while not stop and not exhausted and len(pending) < in_flight:
+            batch = take_chunk()
+            if not batch:
+                exhausted = True
+                break
+            submit(make_task(chunk_id, batch), 0)
+            chunk_id += 1
+        if not pending:
+            return
+        timeout = 1.0 if grace_until is None else max(0.0, min(1.0, grace_until - time.monotonic()))
+        done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            task, tries = pending.pop(future)
+            try:
+                rows = future.result()
+            except Exception as exc:  # a worker or block died: the chunk's rows never arrived
+                if tries + 1 < CHUNK_RETRIES and not stop:
+                    log.warning("chunk %d lost (%s: %s); sending it again", task.chunk_id, type(exc).__name__, exc)
+                    submit(task, tries + 1)
+                    continue
+                if stop:
+                    continue  # not recorded, so a resume sends it again
+                rows = _lost_rows(task, exc)
+            ledger.append(rows)
+            if note_rows is not None:
+                note_rows(rows)
+            failed = sum(1 for r in rows if r["status"] != "ok")
+            progress.add(len(rows) - failed, failed)
+        if time.monotonic() - last_tick > 2.0:
+            last_tick = time.monotonic()
+            on_tick()
+        if grace_until is not None and (time.monotonic() >= grace_until or stop.hard):
+            log.warning("grace period over: %d chunk(s) still in flight are left for the resume", len(pending))
+            return
+
+
+def _lost_rows(task: ChunkTask, exc: BaseException) -> list[dict[str, Any]]:
+    now = iso(time.time())
+    rows = []
+    for item in task.items:
+        for prompt in item.prompts:
+            rows.append(
+                {
+                    "custom_id": prompt["custom_id"],
+                    "line": prompt["line"],
+                    "conversation": prompt.get("conversation"),
+                    "turn": prompt.get("turn"),
+                    "status": "error",
+                    "error_type": "other",
+                    "error": f"worker lost {CHUNK_RETRIES} times: {type(exc).__name__}: {exc}"[:500],
+                    "attempts": 0,
+                    "submitted_at": iso(item.submitted_at),
+                    "finished_at": now,
+                    "digest": prompt.get("digest"),
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _install_signals(stop: _Stop, stop_file: Path) -> dict[int, Any]:
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if stop and signum == signal.SIGINT:
+            stop.hard = True  # a second Ctrl-C: stop now (the ledger is flushed per chunk)
+            raise KeyboardInterrupt
+        stop.reason = stop.reason or name
+        try:
+            stop_file.touch()
+        except OSError:
+            pass
+        print(
+            f"\nparsl-chat: {name} received: finishing requests in flight, then stopping (Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. tests calling in a thread)
+            pass
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
