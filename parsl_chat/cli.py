@@ -181,7 +181,7 @@ def validate(prompts: str) -> None:
     from .prompts import PromptSource, scan, spool_stdin
 
     if prompts == "-":
-        prompts = str(spool_stdin(Path(tempfile.mkdtemp(prefix="parsl-chat-")) / "stdin.jsonl"))
+        prompts = str(spool_stdin(Path(tempfile.mkdtemp(prefix="parsl-chat-"))))
     result = scan(PromptSource(prompts))
     if not result.ok:
         raise InputError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from array import array
 from collections.abc import Iterator
@@ -344,10 +343,12 @@ def scan(source: PromptSource) -> ScanResult:
         if dup_lines:
             first_seen: dict[str, int] = {}
             dup_set = set(dup_lines)
+            # a skipped duplicate must not be a conversation's last turn, or that conversation is never dispatched
+            conversation_ends: dict[str, int] = {}
             for item in source.parse():  # second look only to name the ids involved
                 if isinstance(item, LineProblem):
                     continue
-                if item.line in dup_set:
+                if item.line in dup_set:  # only colliding ids are remembered: memory stays small
                     first = first_seen.get(item.custom_id)
                     if first is not None:
                         result.duplicate_lines.add(item.line)
@@ -355,7 +356,10 @@ def scan(source: PromptSource) -> ScanResult:
                             LineProblem(result.path, item.line, f"duplicate id {item.custom_id!r} (first on line {first})")
                         )
                         continue
-                first_seen.setdefault(item.custom_id, item.line)
+                    first_seen.setdefault(item.custom_id, item.line)
+                if item.conversation is not None:
+                    conversation_ends[item.conversation] = item.line
+            result.conversation_ends = conversation_ends
     result.problems.sort(key=lambda p: p.line)
     if result.prompts == 0 and result.problem_count == 0:
         result.add(LineProblem(result.path, 1, "file has no prompts"))
@@ -384,9 +388,20 @@ def iter_prompts(source: PromptSource, *, skip_lines: set[int] | frozenset[int] 
         yield item
 
 
-def spool_stdin(dest: Path) -> Path:
-    """Copy standard input to ``dest`` so it can be read twice (and resumed)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with dest.open("wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer, out)
+def spool_stdin(folder: Path) -> Path:
+    """Copy standard input into ``folder`` so it can be read twice (and resumed).
+
+    The file is named ``prompts.jsonl`` when the input starts with a JSON object,
+    else ``prompts.txt`` (one prompt per line).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".stdin.tmp"
+    first = b""
+    with tmp.open("wb") as out:
+        while chunk := sys.stdin.buffer.read(1 << 16):
+            if not first.strip():
+                first += chunk[:4096]
+            out.write(chunk)
+    dest = folder / ("prompts.jsonl" if first.lstrip().startswith(b"{") else "prompts.txt")
+    tmp.replace(dest)
     return dest

@@ -176,7 +176,7 @@ def _prompts_path(opts: RunOptions, run_dir: Path, previous: dict[str, Any]) -> 
             raise InputError("no prompts file given")
         return Path(previous["prompts_file"])
     if given == "-":
-        return spool_stdin(run_dir / "prompts.jsonl")
+        return spool_stdin(run_dir)
     return Path(given).resolve()
 
 

@@ -1,0 +1,233 @@
+"""End-to-end runs of ``parsl-chat run`` against the simulated endpoint, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import EXAMPLES, run_cli
+
+from parsl_chat.results import COLUMNS
+
+RUN_FILES = ("config.yaml", "ledger.jsonl", "results.parquet", "results.csv", "output.jsonl", "summary.json", "run.json")
+
+
+def _ids(path: Path) -> set[str]:
+    ids = set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            obj = json.loads(line)
+            ids.add(str(obj.get("custom_id") or obj.get("id") or f"line-{n}"))
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["parsl", "no-parsl"])
+def test_examples_run_end_to_end(backend: str, sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=20)
+    out = tmp_path / "run"
+    args = ["run", str(EXAMPLES / "prompts.jsonl"), "--endpoint", server.url, "--model", "sim", "--out", str(out)]
+    if backend == "no-parsl":
+        args.append("--no-parsl")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert (out / "logs" / "parsl-chat.log").is_file()
+    df = pd.read_parquet(out / "results.parquet")
+    assert tuple(df.columns) == COLUMNS
+    assert sorted(df.custom_id) == sorted(_ids(EXAMPLES / "prompts.jsonl"))
+    assert (df.status == "ok").all()
+    assert set(df.agent) == {"analyst", "teacher", "summarizer"}
+    assert df.response.str.startswith("sim").all()
+    for col in ("submitted_at", "started_at", "finished_at", "queue_s", "latency_s", "hostname", "node", "worker"):
+        assert df[col].notna().all(), col
+    assert (df.finished_at >= df.started_at).all() and (df.started_at >= df.submitted_at).all()
+    assert (df.latency_s >= 0.019).all()  # the server's 20 ms is inside every measured latency
+    assert (df.prompt_tokens > 0).all() and (df.completion_tokens > 0).all()
+    if backend == "parsl":
+        assert df.block.notna().all() and df.worker.str.contains("/w").all()
+    # the conversation ran in order on one agent, each turn carrying the history
+    conv = df[df.conversation == "trip"].sort_values("turn")
+    assert list(conv.turn) == [1, 2, 3] and conv.agent.nunique() == 1
+    assert conv.started_at.is_monotonic_increasing
+    # the pinned prompt went to its agent
+    assert df.set_index("custom_id").loc["m01", "agent"] == "teacher"
+    csv = pd.read_csv(out / "results.csv")
+    assert tuple(csv.columns) == COLUMNS and len(csv) == len(df)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["ok"] == len(df)
+    # every request the server saw was one of ours, each prompt exactly once
+    assert len(server.requests()) == len(df)
+
+
+def test_parsl_and_in_process_agree(sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=5)
+    frames = []
+    for flag in ([], ["--no-parsl"]):
+        out = tmp_path / ("a" if not flag else "b")
+        result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--endpoint", server.url, "--out", str(out), *flag)
+        assert result.returncode == 0, result.stderr
+        frames.append(pd.read_parquet(out / "results.parquet"))
+    assert set(frames[0].custom_id) == set(frames[1].custom_id)
+    # round-robin is decided in the driver: the same prompt goes to the same agent either way
+    a = frames[0].set_index("custom_id").agent.sort_index()
+    b = frames[1].set_index("custom_id").agent.sort_index()
+    assert (a == b).all()
+
+
+def test_openai_batch_file_round_trips(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    batch = tmp_path / "batch.jsonl"
+    lines = [
+        {
+            "custom_id": f"req-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 8},
+        }
+        for i in range(7)
+    ]
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "run"
+    result = run_cli("run", str(batch), "--endpoint", server.url, "--out", str(out), "--no-parsl")
+    assert result.returncode == 0, result.stderr
+    output = [json.loads(line) for line in (out / "output.jsonl").read_text().splitlines()]
+    assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in range(7)]
+    for o in output:
+        assert set(o) == {"id", "custom_id", "response", "error"}
+        assert o["error"] is None and o["response"]["status_code"] == 200
+        body = o["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] == 8  # max_tokens from the batch body reached the server
+        assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_bad_file_refused_and_nothing_sent(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": ""}\nnot json\n')
+    result = run_cli("run", str(bad), "--endpoint", server.url, "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{bad}:2: field 'prompt': empty" in result.stderr
+    assert f"{bad}:3: invalid JSON" in result.stderr
+    assert server.requests() == []
+
+
+def test_skip_invalid_records_bad_lines_as_error_rows(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": ""}\nnot json\n{"id": "a", "prompt": "dup"}\n')
+    out = tmp_path / "run"
+    result = run_cli("run", str(bad), "--endpoint", server.url, "--out", str(out), "--skip-invalid", "--max-failures", "3")
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(out / "results.parquet").set_index("line")
+    assert df.loc[1, "status"] == "ok"
+    assert set(df.loc[[2, 3, 4], "error_type"]) == {"invalid_input"}
+    assert len(df) == 4 and len(server.requests()) == 1
+
+
+def test_failures_beyond_max_failures_exit_1(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok one"}\n{"prompt": "__bad_request__ please"}\n{"prompt": "ok two"}\n')
+    out = tmp_path / "run"
+    result = run_cli("run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl")
+    assert result.returncode == 1
+    assert "1 of 3 prompts failed (bad_request: 1)" in result.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    failed = df[df.status == "error"].iloc[0]
+    assert failed.error_type == "bad_request" and failed.attempts == 1  # never retried
+    again = run_cli(
+        "run", str(prompts), "--endpoint", server.url, "--out", str(tmp_path / "r2"), "--no-parsl", "--max-failures", "40%"
+    )
+    assert again.returncode == 0, again.stderr
+
+
+def test_stdin_and_text_prompts(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    out = tmp_path / "run"
+    result = run_cli(
+        "run", "-", "--endpoint", server.url, "--out", str(out), "--no-parsl", input="first question\n\nsecond question\n"
+    )
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert sorted(df.custom_id) == ["line-1", "line-3"]
+    txt = run_cli("run", str(EXAMPLES / "questions.txt"), "--endpoint", server.url, "--out", str(tmp_path / "t"), "--no-parsl")
+    assert txt.returncode == 0, txt.stderr
+
+
+def test_dry_run_sends_nothing(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--endpoint", server.url, "--dry-run", "--agents", "4")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    assert "prompts: 30 valid" in text and "agent analyst-2" in text and "executor: local" in text
+    assert server.requests() == []
+
+
+def test_unknown_pinned_agent_is_an_input_error(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n{"prompt": "hi", "agent": "nobody"}\n')
+    result = run_cli("run", str(prompts), "--endpoint", server.url, "--out", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert f"{prompts}:2: field 'agent': unknown agent 'nobody'" in result.stderr
+    assert "analyst, teacher, summarizer" in result.stderr
+
+
+def test_usage_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    for args in (
+        ["run", str(tmp_path / "missing.jsonl")],
+        ["run", str(EXAMPLES / "prompts.jsonl"), "--profile", "nope"],
+        ["run"],
+        ["run", str(EXAMPLES / "prompts.jsonl"), "--retry-failed"],
+        ["validate", str(tmp_path)],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_existing_output_directory_is_refused(sim_server, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--endpoint", "http://127.0.0.1:9/v1", "--out", str(out))
+    assert result.returncode == 2
+    assert "--resume" in result.stderr
+
+
+def test_dead_endpoint_ends_in_error_rows_and_exit_1(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "run"
+    env = {"PARSL_CHAT_LIMITS_MAX_ATTEMPTS": "2", "PARSL_CHAT_LIMITS_BACKOFF_S": "0.05"}
+    result = run_cli(
+        "run", str(prompts), "--endpoint", "http://127.0.0.1:9/v1", "--out", str(out), "--no-parsl", env=env, timeout=60
+    )
+    assert result.returncode == 1
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 5 and (df.error_type == "connection").all() and (df.attempts == 2).all()
+    assert "connection: 5" in result.stderr
+
+
+def test_secrets_never_written(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    secret = "sk-test-DO-NOT-LEAK-1234567890"
+    config = tmp_path / "agents.yaml"
+    config.write_text(f"agents:\n  - name: analyst\n    api_key: {secret}-agent\n  - name: teacher\nlimits:\n  concurrency: 2\n")
+    out = tmp_path / "run"
+    result = run_cli(
+        "run", str(EXAMPLES / "prompts.jsonl"), "--config", str(config), "--endpoint", server.url, "--out", str(out),
+        "--debug", env={"OPENAI_API_KEY": secret},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    shown = run_cli("config", "show", "--config", str(config), env={"OPENAI_API_KEY": secret})
+    assert secret not in shown.stdout and "redacted" in shown.stdout
