@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -164,20 +165,24 @@ def _retry_after(response: httpx.Response) -> float | None:
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         return None  # an HTTP date: rare from LLM servers, fall back to backoff
+    if not math.isfinite(seconds):
+        return None  # "inf" / "nan" would sleep forever or not at all
+    return max(0.0, seconds)
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: httpx.Response, agent: AgentSpec) -> str:
+    # scrub before truncating: a key cut in half by the truncation would escape _scrub
     try:
         data = response.json()
         message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
         if message:
-            return f"HTTP {response.status_code}: {str(message)[:300]}"
+            return f"HTTP {response.status_code}: {_scrub(str(message), agent)[:300]}"
     except (ValueError, AttributeError):
         pass
-    return f"HTTP {response.status_code}: {response.text[:300]}"
+    return f"HTTP {response.status_code}: {_scrub(response.text, agent)[:300]}"
 
 
 def _headers(agent: AgentSpec) -> dict[str, str]:
@@ -216,7 +221,7 @@ async def _attempt(client: httpx.AsyncClient, agent: AgentSpec, body: dict[str, 
         raise RequestFailure("other", f"{type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
         raise RequestFailure(
-            classify_status(response.status_code, response.text), _error_message(response), _retry_after(response)
+            classify_status(response.status_code, response.text), _error_message(response, agent), _retry_after(response)
         )
     try:
         data = response.json()
@@ -229,7 +234,7 @@ async def _attempt(client: httpx.AsyncClient, agent: AgentSpec, body: dict[str, 
             "model": data.get("model") or body["model"],
         }
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise RequestFailure("server_error", f"malformed response: {response.text[:200]}") from None
+        raise RequestFailure("server_error", f"malformed response: {_scrub(response.text, agent)[:200]}") from None
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
@@ -302,7 +307,9 @@ async def stream_chat(
         async with client.stream("POST", url, content=json.dumps(body), headers=_headers(agent), timeout=timeout_s) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
-                raise RequestFailure(classify_status(response.status_code, text), f"HTTP {response.status_code}: {text[:300]}")
+                raise RequestFailure(
+                    classify_status(response.status_code, text), f"HTTP {response.status_code}: {_scrub(text, agent)[:300]}"
+                )
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -313,9 +320,9 @@ async def stream_chat(
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield {"delta": text}
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        yield {"delta": piece}
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
     except httpx.TimeoutException:

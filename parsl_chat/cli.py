@@ -168,6 +168,29 @@ def run(ctx: click.Context, prompts: str | None, **opts: Any) -> None:
         err_console.print(f"parsl-chat: {outcome.message}", markup=False)
 
 
+@cli.command()
+@_settings_options
+@click.option("--no-parsl", is_flag=True, help="/batch runs in this process instead of on Parsl workers.")
+@click.option("--session", "session_name", metavar="NAME", help="Keep the conversation on disk and continue it next time.")
+@click.option("--list-sessions", is_flag=True, help="List saved sessions with turn counts and last use, then exit.")
+def chat(session_name: str | None, list_sessions: bool, no_parsl: bool, **opts: Any) -> None:
+    """Talk to the agents: streamed answers, /stats, /batch N, /agents, /history, /save, /quit (/help lists all)."""
+    from .chat import ChatOptions, print_sessions, run_chat
+
+    if list_sessions:
+        print_sessions(out_console)
+        return
+    run_chat(
+        ChatOptions(
+            profile=opts["profile"],
+            config_file=opts["config_file"],
+            cli_settings=_cli_settings(**opts),
+            no_parsl=no_parsl,
+            session=session_name,
+        )
+    )
+
+
 # --------------------------------------------------------------------------- validate / profiles / config
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -238,6 +239,15 @@ class _LineLoader(yaml.SafeLoader):
     pass
 
 
+# YAML 1.1 reads ``walltime: 12:00:00`` as the base-60 number 43200 (and ``1:30`` as 90);
+# such values stay strings here, as in YAML 1.2.
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_LineLoader.yaml_implicit_resolvers = {
+    first: ([("tag:yaml.org,2002:str", _SEXAGESIMAL)] if first and first in "+-0123456789" else []) + list(resolvers)
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
     loader.flatten_mapping(node)
     out = _LineDict()
@@ -276,6 +286,7 @@ def read_yaml(path: Path) -> _LineDict:
         return empty
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping of keys to values, got {type(data).__name__}")
+    assert isinstance(data, _LineDict)  # every mapping is built by _construct_mapping
     return data
 
 
@@ -488,7 +499,19 @@ def _env_names() -> dict[str, str]:
 
 
 #: environment variables the CLI itself reads, not settings
-_ENV_NOT_SETTINGS = {"PARSL_CHAT_PROFILE", "PARSL_CHAT_CONFIG", "PARSL_CHAT_DEBUG"}
+_ENV_NOT_SETTINGS = {
+    "PARSL_CHAT_PROFILE",
+    "PARSL_CHAT_CONFIG",
+    "PARSL_CHAT_DEBUG",
+    "PARSL_CHAT_WALLTIME_MARGIN_S",  # read by the walltime watch
+    # read by jobs/chat_batch.sh
+    "PARSL_CHAT_PROMPTS",
+    "PARSL_CHAT_OUT",
+    "PARSL_CHAT_ARGS",
+    "PARSL_CHAT_MAX_RESUBMIT",
+    "PARSL_CHAT_RESUBMITTED",
+    "PARSL_CHAT_JOB_SCRIPT",
+}
 
 
 def load_settings(

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -97,7 +97,6 @@ class _WorkerState:
         self.thread.start()
         self.client: httpx.AsyncClient | None = None
         self.limits: dict[tuple[str, str], AgentLimits] = {}
-        self.endpoint_override: dict[str, str] = {}
 
     def get_client(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -138,7 +137,7 @@ async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any
     place = where_am_i()
     agents = task.agents
     if task.node_server is not None:
-        agents = _with_node_server(task, state)
+        agents = _with_node_server(task)
     client = state.get_client()
     limits = [state.limits_for(task.run_id, a, s, task.limits) for a, s in zip(agents, task.slots, strict=True)]
     own: list[deque[WorkItem]] = [deque() for _ in agents]
@@ -263,16 +262,16 @@ def _row(
     }
 
 
-def _with_node_server(task: ChunkTask, state: _WorkerState) -> list[AgentSpec]:
-    """Point agents without an endpoint of their own at this node's model server."""
-    from dataclasses import replace
+def _with_node_server(task: ChunkTask) -> list[AgentSpec]:
+    """Point agents without an endpoint of their own at this node's model server.
 
+    Asked on every chunk (a lock and a connect, cheap): if the worker that started
+    the server has gone, the server went with it and this call starts a new one.
+    Called on the worker's long-lived loop thread, which the server's lifetime is tied to.
+    """
     from .server import node_server
 
-    url = state.endpoint_override.get(task.run_id)
-    if url is None:
-        url = node_server(task.node_server, task.run_id)
-        state.endpoint_override[task.run_id] = url
+    url = node_server(task.node_server, task.run_id)
     placeholder = task.extra.get("node_endpoint_placeholder")
     return [replace(a, endpoint=url) if a.endpoint == placeholder else a for a in task.agents]
 
@@ -304,6 +303,7 @@ class InProcessBackend:
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._started = time.time()
+        self._ended: float | None = None
 
     def __repr__(self) -> str:
         return f"InProcessBackend(workers={self.workers})"
@@ -319,7 +319,16 @@ class InProcessBackend:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+            self._ended = time.time()
 
     def blocks(self) -> list[dict[str, Any]]:
         place = where_am_i()
-        return [{"block": None, "job_id": None, "submitted_at": iso(self._started), "ended_at": None, "nodes": [place["node"]]}]
+        return [
+            {
+                "block": None,
+                "job_id": None,
+                "submitted_at": iso(self._started),
+                "ended_at": iso(self._ended),
+                "nodes": [place["node"]],
+            }
+        ]

@@ -59,9 +59,17 @@ class Ledger:
             fh.seek(-1, os.SEEK_END)
             if fh.read(1) == b"\n":
                 return
-            fh.seek(0)
-            data = fh.read()
-            keep = data.rfind(b"\n") + 1
+            # look backwards for the last newline, a block at a time: a big ledger is never read whole
+            pos = fh.seek(0, os.SEEK_END)
+            keep = 0
+            while pos > 0:
+                step = min(1 << 16, pos)
+                pos -= step
+                fh.seek(pos)
+                newline = fh.read(step).rfind(b"\n")
+                if newline >= 0:
+                    keep = pos + newline + 1
+                    break
             fh.truncate(keep)
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:

@@ -149,10 +149,11 @@ def _allocation_provider(profile: ProfileConfig) -> Any:
     )
 
 
-def _kubernetes_provider(profile: ProfileConfig) -> Any:
+def _kubernetes_provider(profile: ProfileConfig, run_id: str) -> Any:
     from .kube import kubernetes_provider
 
-    return kubernetes_provider(profile, _worker_init(profile))
+    # the run id names and labels the pods, so `parsl-chat cleanup` can find them
+    return kubernetes_provider(profile, _worker_init(profile), run_id)
 
 
 def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> Any:
@@ -167,7 +168,7 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
     elif profile.executor == "slurm-allocation":
         provider = _allocation_provider(profile)
     else:
-        provider = _kubernetes_provider(profile)
+        provider = _kubernetes_provider(profile, run_id)
     htex = HighThroughputExecutor(
         label=f"htex-{run_id[-8:]}",
         address=_interchange_address(profile),
@@ -207,6 +208,7 @@ class ParslBackend:
         self._app: Any = None
         self._submitted: dict[str, float] = {}
         self._ended: dict[str, float] = {}
+        self._job_ids: dict[str, str] = {}
         self._nodes: dict[str, set[str]] = {}
 
     def __repr__(self) -> str:
@@ -245,29 +247,37 @@ class ParslBackend:
     def blocks(self) -> list[dict[str, Any]]:
         """Blocks started so far with their scheduler job ids (kept in run.json for cleanup)."""
         htex = self.executor
-        if htex is None:
-            return []
-        out = []
         now = time.time()
-        for block, job_id in list(htex.blocks_to_job_id.items()):
-            self._submitted.setdefault(block, now)
-            out.append(
-                {
-                    "block": str(block),
-                    "job_id": None if self.profile.executor in ("local", "slurm-allocation") else str(job_id),
-                    "submitted_at": iso(self._submitted[block]),
-                    "ended_at": iso(self._ended.get(block)),
-                    "nodes": sorted(self._nodes.get(str(block), set())),
-                    "cores_per_node": self.profile.cores_per_node,
-                }
-            )
-        return out
+        if htex is not None:
+            for block, job_id in list(htex.blocks_to_job_id.items()):
+                self._submitted.setdefault(block, now)
+                self._job_ids[block] = job_id
+        return [
+            {
+                "block": str(block),
+                "job_id": self._job_id_of(job_id),
+                "submitted_at": iso(self._submitted[block]),
+                "ended_at": iso(self._ended.get(block)),
+                "nodes": sorted(self._nodes.get(str(block), set())),
+                "cores_per_node": self.profile.cores_per_node,
+            }
+            for block, job_id in self._job_ids.items()
+        ]
+
+    def _job_id_of(self, provider_job_id: str) -> str | None:
+        """The scheduler job a block runs in (LocalProvider's ids are process ids, not jobs)."""
+        if self.profile.executor == "slurm-allocation":
+            return os.environ.get("SLURM_JOB_ID")
+        if self.profile.executor == "local":
+            return None
+        return str(provider_job_id)
 
     def shutdown(self) -> None:
         if self._dfk is None:
             return
-        htex = self.executor
-        blocks_before = dict(htex.blocks_to_job_id) if htex is not None else {}
+        self.blocks()  # remember the job ids before Parsl forgets them
+        blocks_before = dict(self._job_ids)
+        provider = getattr(self.executor, "provider", None)
         try:
             self._dfk.cleanup()
         except Exception as exc:  # cleanup must not mask the run's own outcome
@@ -281,6 +291,10 @@ class ParslBackend:
                 self._ended.setdefault(block, now)
             if self.profile.executor == "slurm":
                 cancel_slurm_jobs([j for j in blocks_before.values() if j])
+            elif self.profile.executor == "kubernetes":
+                from .kube import delete_provider_pods
+
+                delete_provider_pods(provider)  # Parsl leaves Failed pods, and all of a bad-state executor's
             self._dfk = None
 
 

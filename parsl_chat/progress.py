@@ -7,7 +7,7 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 __all__ = ["RunProgress"]
 
@@ -29,7 +29,7 @@ class RunProgress:
         self.started = time.monotonic()
         self._last_log = self.started
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
 
     def __repr__(self) -> str:
         return f"RunProgress(done={self.done}, failed={self.failed}, total={self.total})"

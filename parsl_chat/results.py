@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +95,20 @@ def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
+def _epoch(stamp: Any) -> int | None:
+    """The ledger's ISO-8601 time as Unix seconds: OpenAI's ``created`` is an integer."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return int(datetime.fromisoformat(stamp).timestamp())
+    except ValueError:
+        return None
+
+
 def batch_output_line(row: dict[str, Any], n: int) -> dict[str, Any]:
     """One line of OpenAI Batch output format for a result row."""
     if row.get("status") == "ok":
-        created = row.get("finished_at")
+        created = _epoch(row.get("finished_at"))
         body = {
             "id": f"chatcmpl-{row['custom_id']}",
             "object": "chat.completion",

@@ -212,6 +212,26 @@ def _slots_per_worker(agents: list[AgentSpec], workers: int, in_process: bool) -
     return [max(1, round(a.concurrency / workers)) for a in agents]
 
 
+def _effective_concurrency(
+    agents: list[AgentSpec], slots: list[int], workers: int, in_process: bool, console: Console
+) -> list[AgentSpec]:
+    """Each worker process gets a whole number of slots per agent: say so when that changes the limit."""
+    if in_process:
+        return agents
+    out = []
+    for agent, share in zip(agents, slots, strict=True):
+        effective = share * workers
+        if effective != agent.concurrency:
+            message = (
+                f"agent {agent.name}: concurrency {agent.concurrency} over {workers} workers is {share} per worker, "
+                f"so up to {effective} requests in flight (use a multiple of {workers} to be exact)"
+            )
+            log.warning(message)
+            console.print(f"note: {message}", markup=False, highlight=False)
+        out.append(replace(agent, concurrency=effective))
+    return out
+
+
 def _work_items(
     source: PromptSource,
     scanned: ScanResult,
@@ -409,6 +429,8 @@ def _run(
     from .profiles import ParslBackend, cancel_slurm_jobs
 
     run_id = previous.get("run_id") or run_dir.name
+    # blocks of earlier drivers of this run are over (finished, or cancelled below)
+    earlier = [{**b, "ended_at": b.get("ended_at") or iso(time.time())} for b in previous.get("blocks", [])]
     ledger_path = run_dir / "ledger.jsonl"
     index = LedgerIndex.load(ledger_path) if opts.resume is not None else None
     if index is not None:
@@ -425,6 +447,8 @@ def _run(
             if cancelled:
                 console.print(f"cancelled {len(cancelled)} SLURM job(s) left by the previous driver: {', '.join(cancelled)}")
 
+    slots = _slots_per_worker(agents, workers, in_process)
+    agents = _effective_concurrency(agents, slots, workers, in_process, console)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(settings.as_dict(redact=True), sort_keys=False))
     stop_file = run_dir / ".stop"
     stop_file.unlink(missing_ok=True)
@@ -443,7 +467,7 @@ def _run(
         "agent_slots": sum(a.concurrency for a in agents),
         "agents": [a.describe() for a in agents],
         "routing": router.policy,
-        "blocks": list(previous.get("blocks", [])),
+        "blocks": earlier,
         "cost": {k: v for k, v in vars(settings.run.cost).items() if v is not None} or None,
         "options": {
             "profile": opts.profile or previous.get("options", {}).get("profile") or "local",
@@ -484,7 +508,6 @@ def _run(
         )
         backend.start()
         deadline = _walltime_deadline()
-        slots = _slots_per_worker(agents, workers, in_process)
         total = scanned.valid - (len(index) if index is not None else 0)
         if index is not None and opts.retry_failed:
             total += index.failed
@@ -513,7 +536,7 @@ def _run(
                 stop_file=stop_file,
                 deadline=deadline,
                 grace_s=opts.grace_s,
-                on_tick=lambda: _update_blocks(meta, backend, run_dir),
+                on_tick=lambda: _update_blocks(meta, earlier, backend, run_dir),
             )
         if skipped:
             ledger.append(_invalid_rows(skipped, agents))
@@ -522,9 +545,9 @@ def _run(
         stop.hard = True
     finally:
         if backend is not None:
-            _update_blocks(meta, backend, run_dir)
+            _update_blocks(meta, earlier, backend, run_dir)
             backend.shutdown()
-            _update_blocks(meta, backend, run_dir, ended=True)
+            _update_blocks(meta, earlier, backend, run_dir)
         if server is not None:
             server.stop()
         ledger.close()
@@ -573,30 +596,13 @@ def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _update_blocks(meta: dict[str, Any], backend: Backend | None, run_dir: Path, ended: bool = False) -> None:
+def _update_blocks(meta: dict[str, Any], earlier: list[dict[str, Any]], backend: Backend | None, run_dir: Path) -> None:
     """Keep run.json's block list current: a later ``cleanup`` needs the job ids after a crash."""
     if backend is None:
         return
-    known = {b.get("block"): b for b in meta["blocks"] if b.get("block") is not None}
-    current = backend.blocks()
-    changed = False
-    for block in current:
-        key = block.get("block")
-        old = known.get(key)
-        if old is None or old.get("job_id") != block.get("job_id") or old.get("nodes") != block.get("nodes"):
-            changed = True
-        if ended and not block.get("ended_at"):
-            block["ended_at"] = iso(time.time())
-            changed = True
-        if old is not None and old.get("submitted_at"):
-            block["submitted_at"] = old["submitted_at"]
-        known[key] = block
-    if not meta["blocks"] and current and current[0].get("block") is None:
-        meta["blocks"] = current
-        changed = True
-    elif changed:
-        meta["blocks"] = [b for b in meta["blocks"] if b.get("block") is None] + [v for k, v in known.items() if k is not None]
-    if changed:
+    blocks = earlier + backend.blocks()
+    if blocks != meta["blocks"]:
+        meta["blocks"] = blocks
         _write_meta(run_dir, meta)
 
 
@@ -622,8 +628,9 @@ def _walltime_deadline() -> float | None:
     left = slurm_time_left_s()
     if left is None:
         return None
-    margin = float(os.environ.get("PARSL_CHAT_WALLTIME_MARGIN_S", "0") or 0) or max(30.0, 0.05 * left)
-    margin = min(margin, left * 0.5)
+    given = os.environ.get("PARSL_CHAT_WALLTIME_MARGIN_S")
+    # default: stop 5 % before the end, at least 30 s, but never in the first half of the job
+    margin = float(given) if given else min(max(30.0, 0.05 * left), 0.5 * left)
     log.info(
         "inside SLURM job %s: %.0f s left, stopping dispatch %.0f s before the end", os.environ.get("SLURM_JOB_ID"), left, margin
     )

@@ -60,7 +60,7 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = ModelServer(ServerConfig(), log_path=log)
     try:
         url = server.start()
-    except Exception as exc:  # noqa: BLE001 - reported as a skip, which CI turns into a failure
+    except Exception as exc:  # reported as a skip, which CI turns into a failure
         pytest.skip(f"embedded model server unavailable: {exc}")
     yield url
     server.stop()

