@@ -9,10 +9,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from .errors import UsageError
 
-__all__ = ["cleanup_run"]
+__all__ = ["cleanup_run", "kill_orphans"]
+
+
+def kill_orphans(meta: dict[str, Any]) -> list[str]:
+    """Kill the local Parsl processes (interchange, worker pools) recorded for a run, if still alive.
+
+    A process counts as ours only if its start time matches the record, so a
+    reused PID is never touched.
+    """
+    killed = []
+    for record in meta.get("processes", []):
+        try:
+            proc = psutil.Process(record["pid"])
+            if abs(proc.create_time() - record["started"]) > 1.0:
+                continue
+            family = [*proc.children(recursive=True), proc]
+        except (psutil.Error, KeyError, TypeError):
+            continue
+        for member in family:
+            try:
+                member.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(family, timeout=5)
+        killed.append(f"{record.get('role', 'process')} {record['pid']}")
+    return killed
 
 
 def cleanup_run(run_dir: Path) -> list[str]:
@@ -25,19 +53,23 @@ def cleanup_run(run_dir: Path) -> list[str]:
     except ValueError:
         raise UsageError(f"{meta_path}: unreadable run metadata") from None
     executor = meta.get("executor")
+    lines = []
+    orphans = kill_orphans(meta)
+    if orphans:
+        lines.append(f"stopped leftover local Parsl process(es): {', '.join(orphans)}")
     job_ids = [str(b["job_id"]) for b in meta.get("blocks", []) if b.get("job_id")]
     if executor == "slurm":
         from .profiles import cancel_slurm_jobs
 
         cancelled = cancel_slurm_jobs(job_ids)
         if cancelled:
-            return [f"cancelled SLURM job(s): {', '.join(cancelled)}"]
-        return [f"nothing to cancel: none of the run's {len(job_ids)} SLURM job(s) is still queued or running"]
+            return [*lines, f"cancelled SLURM job(s): {', '.join(cancelled)}"]
+        return [*lines, f"nothing to cancel: none of the run's {len(job_ids)} SLURM job(s) is still queued or running"]
     if executor == "kubernetes":
         from .kube import delete_run_pods
 
         deleted = delete_run_pods(meta)
         if deleted:
-            return [f"deleted pod(s): {', '.join(deleted)}"]
-        return ["nothing to delete: no pod of this run is left"]
-    return [f"nothing to cancel: executor {executor!r} starts no scheduler jobs"]
+            return [*lines, f"deleted pod(s): {', '.join(deleted)}"]
+        return [*lines, "nothing to delete: no pod of this run is left"]
+    return lines or [f"nothing to clean up: no process of this run is left (executor {executor!r} starts no scheduler jobs)"]

@@ -303,6 +303,16 @@ class Source:
     def __str__(self) -> str:
         return f"{self.kind} ({self.detail})" if self.detail else self.kind
 
+    def where(self) -> str:
+        """How an error message names this place: ``file:line``, the variable or the option."""
+        if self.kind == "yaml":
+            return self.detail
+        if self.kind == "env":
+            return f"environment variable {self.detail}"
+        if self.kind == "cli":
+            return f"option for {self.detail}"
+        return "default"
+
 
 DEFAULT = Source("default")
 
@@ -593,7 +603,7 @@ def load_settings(
         if key in _NESTED or key == "agents":
             continue
         if key in values:
-            run_kwargs[key] = _coerce(values[key], hints[key], str(sources.get(key, DEFAULT)), key)
+            run_kwargs[key] = _coerce(values[key], hints[key], sources.get(key, DEFAULT).where(), key)
     agents = _build_agents(agents_raw, agents_source, str(config_path), sources)
     run = RunConfig(agents=agents, **nested, **run_kwargs)
     _validate_run(run, sources)
@@ -617,7 +627,7 @@ def _build(cls: type, prefix: str, values: dict[str, Any], sources: dict[str, So
     for key in _fields(cls):
         dotted = f"{prefix}.{key}"
         if dotted in values:
-            kwargs[key] = _coerce(values[dotted], hints[key], str(sources.get(dotted, DEFAULT)), dotted)
+            kwargs[key] = _coerce(values[dotted], hints[key], sources.get(dotted, DEFAULT).where(), dotted)
     return cls(**kwargs)
 
 
@@ -655,7 +665,7 @@ def _build_agents(
 
 def _check_applicable(profile: ProfileConfig, sources: dict[str, Source]) -> None:
     if profile.executor not in EXECUTORS:
-        where = sources.get("profile.executor", DEFAULT)
+        where = sources.get("profile.executor", DEFAULT).where()
         raise ConfigError(f"{where}: unknown executor {profile.executor!r}; valid executors: {', '.join(EXECUTORS)}")
     for key, executors in ProfileConfig.ONLY_FOR.items():
         src = sources.get(f"profile.{key}")
@@ -666,32 +676,32 @@ def _check_applicable(profile: ProfileConfig, sources: dict[str, Source]) -> Non
             )
     for key in ("workers", "nodes_per_block", "max_blocks"):
         if getattr(profile, key) < 1:
-            raise ConfigError(f"{sources.get('profile.' + key, DEFAULT)}: '{key}' must be at least 1")
+            raise ConfigError(f"{sources.get('profile.' + key, DEFAULT).where()}: '{key}' must be at least 1")
     if profile.min_blocks > profile.max_blocks or profile.init_blocks > profile.max_blocks:
-        raise ConfigError(f"{sources.get('profile.max_blocks', DEFAULT)}: init_blocks and min_blocks must not exceed max_blocks")
+        raise ConfigError(f"{sources.get('profile.max_blocks', DEFAULT).where()}: init_blocks and min_blocks must not exceed max_blocks")
 
 
 def _validate_run(run: RunConfig, sources: dict[str, Source]) -> None:
     if run.routing not in ROUTINGS:
-        raise ConfigError(f"{sources.get('routing', DEFAULT)}: unknown routing {run.routing!r}; valid: {', '.join(ROUTINGS)}")
+        raise ConfigError(f"{sources.get('routing', DEFAULT).where()}: unknown routing {run.routing!r}; valid: {', '.join(ROUTINGS)}")
     if run.server.kind not in SERVER_KINDS:
         raise ConfigError(
-            f"{sources.get('server.kind', DEFAULT)}: unknown server kind {run.server.kind!r}; valid: {', '.join(SERVER_KINDS)}"
+            f"{sources.get('server.kind', DEFAULT).where()}: unknown server kind {run.server.kind!r}; valid: {', '.join(SERVER_KINDS)}"
         )
     if run.server.kind == "command" and not run.server.command:
-        raise ConfigError(f"{sources.get('server.kind', DEFAULT)}: server kind 'command' needs 'server.command'")
+        raise ConfigError(f"{sources.get('server.kind', DEFAULT).where()}: server kind 'command' needs 'server.command'")
     if run.agent_count < 1:
-        raise ConfigError(f"{sources.get('agent_count', DEFAULT)}: the number of agents must be at least 1")
+        raise ConfigError(f"{sources.get('agent_count', DEFAULT).where()}: the number of agents must be at least 1")
     if run.limits.concurrency < 1:
-        raise ConfigError(f"{sources.get('limits.concurrency', DEFAULT)}: 'limits.concurrency' must be at least 1")
+        raise ConfigError(f"{sources.get('limits.concurrency', DEFAULT).where()}: 'limits.concurrency' must be at least 1")
     if run.limits.max_attempts < 1:
-        raise ConfigError(f"{sources.get('limits.max_attempts', DEFAULT)}: 'limits.max_attempts' must be at least 1")
+        raise ConfigError(f"{sources.get('limits.max_attempts', DEFAULT).where()}: 'limits.max_attempts' must be at least 1")
     for agent in run.agents:
         if agent.concurrency is not None and agent.concurrency < 1:
-            raise ConfigError(f"{sources.get(f'agents.{agent.name}.concurrency', DEFAULT)}: agent concurrency must be at least 1")
+            raise ConfigError(f"{sources.get(f'agents.{agent.name}.concurrency', DEFAULT).where()}: agent concurrency must be at least 1")
         if agent.weight <= 0:
-            raise ConfigError(f"{sources.get(f'agents.{agent.name}.weight', DEFAULT)}: agent weight must be positive")
-    parse_max_failures(run.max_failures, str(sources.get("max_failures", DEFAULT)))
+            raise ConfigError(f"{sources.get(f'agents.{agent.name}.weight', DEFAULT).where()}: agent weight must be positive")
+    parse_max_failures(run.max_failures, sources.get("max_failures", DEFAULT).where())
 
 
 def parse_max_failures(spec: str, where: str = "--max-failures") -> tuple[int | None, float | None]:

@@ -18,6 +18,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .config import ProfileConfig
 from .errors import ExecutorError
 from .executor import ChunkTask, iso, run_chunk
@@ -263,6 +265,25 @@ class ParslBackend:
             }
             for block, job_id in self._job_ids.items()
         ]
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Local processes a SIGKILLed driver would orphan: the interchange, and local blocks' worker pools."""
+        htex = self.executor
+        if htex is None:
+            return []
+        pids = []
+        interchange = getattr(htex, "interchange_proc", None)
+        if interchange is not None:
+            pids.append(("interchange", interchange.pid))
+        if self.profile.executor in ("local", "slurm-allocation"):
+            pids += [("block", int(j)) for j in self._job_ids.values() if str(j).isdigit()]
+        out = []
+        for role, pid in pids:
+            try:
+                out.append({"role": role, "pid": pid, "started": psutil.Process(pid).create_time()})
+            except psutil.Error:
+                continue
+        return out
 
     def _job_id_of(self, provider_job_id: str) -> str | None:
         """The scheduler job a block runs in (LocalProvider's ids are process ids, not jobs)."""

@@ -237,6 +237,7 @@ def _work_items(
     scanned: ScanResult,
     index: LedgerIndex | None,
     retry_failed: bool,
+    force: bool,
     router: Router,
     skipped: list[LineProblem],
 ) -> Iterator[WorkItem]:
@@ -254,21 +255,24 @@ def _work_items(
             if scanned.conversation_ends.get(item.conversation) != item.line:
                 continue
             del open_convs[item.conversation]
-            if index is not None and all(_done(index, t["custom_id"], retry_failed) for t in turns):
+            if index is not None and all(_done(index, t["custom_id"], t["digest"], retry_failed, force) for t in turns):
                 continue
             pin = next((t["agent"] for t in turns if t.get("agent")), None)
             yield WorkItem(prompts=turns, agent=router.assign(pin))
             continue
-        if index is not None and _done(index, item.custom_id, retry_failed):
+        if index is not None and _done(index, item.custom_id, record["digest"], retry_failed, force):
             continue
         yield WorkItem(prompts=[record], agent=router.assign(item.agent))
 
 
-def _done(index: LedgerIndex, custom_id: str, retry_failed: bool) -> bool:
+def _done(index: LedgerIndex, custom_id: str, digest: str, retry_failed: bool, force: bool) -> bool:
+    """Whether the ledger already holds this prompt's final row."""
     found = index.lookup(custom_id)
     if found is None:
         return False
-    ok, _digest = found
+    ok, recorded = found
+    if force and not digest_matches(recorded, digest):
+        return False  # the prompt changed and --force accepted it: answer the new text
     return ok or not retry_failed
 
 
@@ -426,7 +430,7 @@ def _run(
     how: str,
     in_process: bool,
 ) -> RunOutcome:
-    from .profiles import ParslBackend, cancel_slurm_jobs
+    from .profiles import ParslBackend
 
     run_id = previous.get("run_id") or run_dir.name
     # blocks of earlier drivers of this run are over (finished, or cancelled below)
@@ -441,11 +445,7 @@ def _run(
                 changes,
                 hint="resume with the original prompts file and config, or add --force to answer the changed prompts anew",
             )
-        stale = [b["job_id"] for b in previous.get("blocks", []) if b.get("job_id")]
-        if stale and previous.get("executor") == "slurm":
-            cancelled = cancel_slurm_jobs(stale)
-            if cancelled:
-                console.print(f"cancelled {len(cancelled)} SLURM job(s) left by the previous driver: {', '.join(cancelled)}")
+        _clean_previous_driver(previous, console)
 
     slots = _slots_per_worker(agents, workers, in_process)
     agents = _effective_concurrency(agents, slots, workers, in_process, console)
@@ -507,6 +507,7 @@ def _run(
             else ParslBackend(settings.profile, run_id, run_dir / "logs" / "parsl")
         )
         backend.start()
+        _update_blocks(meta, earlier, backend, run_dir)  # the interchange's pid, before anything can kill us
         deadline = _walltime_deadline()
         total = scanned.valid - (len(index) if index is not None else 0)
         if index is not None and opts.retry_failed:
@@ -516,7 +517,7 @@ def _run(
         with RunProgress(max(total, 0), console=console, quiet=opts.quiet) as progress:
             _dispatch(
                 backend=backend,
-                items=_work_items(source, scanned, index, opts.retry_failed, router, skipped),
+                items=_work_items(source, scanned, index, opts.retry_failed, opts.force, router, skipped),
                 make_task=lambda cid, items: ChunkTask(
                     run_id=run_id,
                     chunk_id=cid,
@@ -585,6 +586,21 @@ def _run(
     return RunOutcome(run_dir, 0, summary, message)
 
 
+def _clean_previous_driver(previous: dict[str, Any], console: Console) -> None:
+    """A driver killed with SIGKILL leaves its Parsl processes and scheduler jobs behind: end them first."""
+    from .cleanup import kill_orphans
+    from .profiles import cancel_slurm_jobs
+
+    orphans = kill_orphans(previous)
+    if orphans:
+        console.print(f"stopped local Parsl process(es) left by the previous driver: {', '.join(orphans)}")
+    stale = [b["job_id"] for b in previous.get("blocks", []) if b.get("job_id")]
+    if stale and previous.get("executor") == "slurm":
+        cancelled = cancel_slurm_jobs(stale)
+        if cancelled:
+            console.print(f"cancelled {len(cancelled)} SLURM job(s) left by the previous driver: {', '.join(cancelled)}")
+
+
 def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from .analysis import load_run, summarize
 
@@ -601,8 +617,10 @@ def _update_blocks(meta: dict[str, Any], earlier: list[dict[str, Any]], backend:
     if backend is None:
         return
     blocks = earlier + backend.blocks()
-    if blocks != meta["blocks"]:
+    processes = getattr(backend, "processes", list)()
+    if blocks != meta["blocks"] or processes != meta.get("processes"):
         meta["blocks"] = blocks
+        meta["processes"] = processes
         _write_meta(run_dir, meta)
 
 

@@ -301,7 +301,7 @@ def test_unknown_parsl_chat_env_var(tmp_path: Path) -> None:
 
 def test_env_type_error(tmp_path: Path) -> None:
     msg = error(tmp_path, env={"PARSL_CHAT_WORKERS": "many"})
-    assert msg == "env (PARSL_CHAT_WORKERS): 'profile.workers' must be a whole number, got 'many'"
+    assert msg == "environment variable PARSL_CHAT_WORKERS: 'profile.workers' must be a whole number, got 'many'"
 
 
 # --------------------------------------------------------------------------- errors with file:line
@@ -351,7 +351,7 @@ def test_unknown_key_in_config_profile_section(tmp_path: Path) -> None:
 )
 def test_profile_type_errors(tmp_path: Path, profile: str, line: int, expected: str) -> None:
     msg = error(tmp_path, profile=profile)
-    assert msg == f"yaml ({tmp_path / 'profile.yaml'}:{line}): {expected}"
+    assert msg == f"{tmp_path / 'profile.yaml'}:{line}: {expected}"
 
 
 @pytest.mark.parametrize(
@@ -414,7 +414,7 @@ def test_key_for_another_executor_from_config_profile_section(tmp_path: Path) ->
 
 def test_unknown_executor(tmp_path: Path) -> None:
     msg = error(tmp_path, profile="executor: pbs\n")
-    where = f"yaml ({tmp_path / 'profile.yaml'}:1)"
+    where = f"{tmp_path / 'profile.yaml'}:1"
     assert msg == f"{where}: unknown executor 'pbs'; valid executors: local, slurm, slurm-allocation, kubernetes"
 
 

@@ -1,0 +1,260 @@
+"""Nothing lost: kill -9, signals, resume exactly once, changed inputs, bad input everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+from conftest import REPO, run_cli
+
+from parsl_chat.ledger import read_ledger
+
+
+def _prompts(path: Path, n: int) -> Path:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "parsl_chat", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so a kill reaches the driver only, as `kill -9 PID` would
+    )
+
+
+def _recorded(out: Path) -> list[str]:
+    return [row["custom_id"] for row in read_ledger(out / "ledger.jsonl")]
+
+
+def _wait_rows(out: Path, at_least: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "ledger.jsonl").exists() and len(_recorded(out)) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} rows recorded after {timeout} s")
+
+
+@pytest.mark.parametrize("backend", ["no-parsl", "parsl"])
+def test_kill_9_at_random_points_then_resume_exactly_once(backend: str, sim_server, tmp_path: Path) -> None:
+    log = tmp_path / "requests.jsonl"
+    server = sim_server(latency_ms=40, jitter_ms=40, log_path=str(log))
+    n = 300
+    prompts = _prompts(tmp_path / "p.jsonl", n)
+    out = tmp_path / "run"
+    extra = ["--no-parsl"] if backend == "no-parsl" else []
+    rng = random.Random(7)
+    recorded_at_kill: set[str] = set()
+    first = True
+    for round_ in range(3):
+        args = ["run", str(prompts), "--endpoint", server.url, "--out", str(out)] if first else ["run", "--resume", str(out)]
+        first = False
+        driver = _start([*args, *extra])
+        already = len(_recorded(out)) if (out / "ledger.jsonl").exists() else 0
+        _wait_rows(out, already + rng.randint(10, 60))
+        time.sleep(rng.uniform(0, 0.3))
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        orphans = [p["pid"] for p in json.loads((out / "run.json").read_text()).get("processes", [])]
+        if backend == "parsl":
+            assert orphans and any(psutil.pid_exists(pid) for pid in orphans)  # the interchange outlived its driver
+        kill_time = time.time()
+        recorded_at_kill = set(_recorded(out))
+        assert len(recorded_at_kill) < n, f"round {round_}: the run finished before the kill"
+        # what the server answers from now on must not include anything already recorded
+        resent = [r for r in server.requests() if r["t"] > kill_time + 1.0 and r["prompt"] in _texts(recorded_at_kill)]
+        assert resent == []
+    final = run_cli("run", "--resume", str(out), *extra)
+    assert final.returncode == 0, final.stderr
+    assert not [pid for pid in orphans if _alive(pid)], "the resume left the killed driver's Parsl processes running"
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == n and df.custom_id.is_unique and (df.status == "ok").all()
+    assert sorted(df.custom_id) == sorted(f"p{i}" for i in range(n))
+    ledger_texts = _texts(recorded_at_kill)
+    after_last_kill = [r for r in server.requests() if r["t"] > kill_time + 1.0]
+    assert not [r for r in after_last_kill if r["prompt"] in ledger_texts], "a recorded prompt was sent again"
+
+
+def _texts(ids: set[str]) -> set[str]:
+    return {f"question {cid[1:]}" for cid in ids}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_sigterm_stops_cleanly_with_exit_3_and_resumes(sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=100)
+    prompts = _prompts(tmp_path / "p.jsonl", 400)
+    out = tmp_path / "run"
+    driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl"])
+    _wait_rows(out, 20)
+    driver.send_signal(signal.SIGTERM)
+    _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 3, stderr
+    assert f"parsl-chat run --resume {out}" in stderr
+    assert "Traceback" not in stderr
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "interrupted"
+    partial = pd.read_parquet(out / "results.parquet")
+    assert 20 <= len(partial) < 400 and partial.custom_id.is_unique
+    sent_before = len(server.requests())
+    assert sent_before == len(partial)  # in-flight requests were finished and recorded, not dropped
+    resumed = run_cli("run", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 400 and df.custom_id.is_unique
+    assert len(server.requests()) == 400  # nothing answered twice
+
+
+def test_second_ctrl_c_stops_at_once_and_ledger_stays_valid(sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=3000)
+    prompts = _prompts(tmp_path / "p.jsonl", 50)
+    out = tmp_path / "run"
+    driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl"])
+    time.sleep(2.5)
+    driver.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    driver.send_signal(signal.SIGINT)
+    _, stderr = driver.communicate(timeout=30)
+    assert driver.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    rows = list(read_ledger(out / "ledger.jsonl"))
+    assert all(r["custom_id"].startswith("p") for r in rows)
+    assert (out / "ledger.jsonl").read_bytes().endswith(b"\n") or not rows
+
+
+def test_worker_killed_mid_run_loses_nothing(sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=50)
+    prompts = _prompts(tmp_path / "p.jsonl", 400)
+    out = tmp_path / "run"
+    driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--workers", "2"])
+    _wait_rows(out, 30, timeout=120)
+    pools = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(out) in " ".join(p.info["cmdline"] or []) and "process_worker_pool" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert pools, "no Parsl worker pool found"
+    workers = pools[0].children()
+    assert workers, "the worker pool has no worker processes"
+    workers[0].kill()  # one worker process dies mid-chunk
+    _, stderr = driver.communicate(timeout=240)
+    assert driver.returncode == 0, stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 400 and df.custom_id.is_unique and (df.status == "ok").all()
+
+
+def test_changed_prompts_refused_unless_force_and_retry_failed(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"id": "a", "prompt": "first"}\n{"id": "b", "prompt": "__bad_request__"}\n{"id": "c", "prompt": "third"}\n'
+    )
+    out = tmp_path / "run"
+    first = run_cli("run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl")
+    assert first.returncode == 1
+    prompts.write_text('{"id": "a", "prompt": "CHANGED"}\n{"id": "b", "prompt": "now fine"}\n{"id": "c", "prompt": "third"}\n')
+    refused = run_cli("run", "--resume", str(out), "--retry-failed")
+    assert refused.returncode == 2
+    assert f"{prompts}:1: prompt 'a' differs from the one already answered" in refused.stderr
+    assert len(server.requests()) == 3
+    forced = run_cli("run", "--resume", str(out), "--retry-failed", "--force")
+    assert forced.returncode == 0, forced.stderr
+    df = pd.read_parquet(out / "results.parquet").set_index("custom_id")
+    assert len(df) == 3 and (df.status == "ok").all()
+    # the failed prompt and the changed one were sent again, the unchanged 'c' was not
+    assert sorted(r["prompt"] for r in server.requests()[3:]) == ["CHANGED", "now fine"]
+    assert df.loc["a", "response"].startswith("sim CHANGED")
+    nothing_left = run_cli("run", "--resume", str(out))
+    assert nothing_left.returncode == 0, nothing_left.stderr
+    assert len(server.requests()) == 5
+
+
+BAD_INPUTS = {
+    "invalid-json": (b'{"prompt": "ok"}\n{"prompt": \n', ":2: invalid JSON"),
+    "empty-file": (b"", ":1: file has no prompts"),
+    "duplicate-ids": (b'{"id": "x", "prompt": "a"}\n{"id": "x", "prompt": "b"}\n', ":2: duplicate id 'x' (first on line 1)"),
+    "invalid-utf8": (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', ":2: not valid UTF-8"),
+    "huge-line": (b'{"prompt": "' + b"x" * (2 << 20) + b'"}\n', ":1: line is longer than"),
+    "wrong-type": (b'{"prompt": 42}\n', ":1: field 'prompt': expected a string"),
+    "unknown-field": (b'{"prompt": "a", "temprature": 1}\n', ":1: unknown field 'temprature'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_malformed_prompts_files(case: str, tmp_path: Path) -> None:
+    content, expected = BAD_INPUTS[case]
+    path = tmp_path / f"{case}.jsonl"
+    path.write_bytes(content)
+    for command in (
+        ["validate", str(path)],
+        ["run", str(path), "--endpoint", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "r")],
+    ):
+        result = run_cli(*command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert f"{path}{expected}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "r" / "ledger.jsonl").exists()
+
+
+BAD_CONFIGS = {
+    "unknown-key": ("limits:\n  concurrncy: 3\n", ":2: unknown key 'concurrncy' in 'limits'; valid keys: concurrency"),
+    "wrong-type": ("limits:\n  timeout_s: soon\n", ":2: 'limits.timeout_s' must be a number"),
+    "bad-yaml": ("agents: [\n", "invalid YAML"),
+    "not-a-mapping": ("- a\n- b\n", ":1: expected a mapping"),
+    "agent-unknown-key": ("agents:\n  - name: a\n    temprature: 1\n", ":3: unknown key 'temprature' in 'agents'"),
+    "bad-routing": ("routing: fastest\n", "unknown routing 'fastest'; valid: round_robin, least_loaded"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_malformed_configs(case: str, tmp_path: Path) -> None:
+    text, expected = BAD_CONFIGS[case]
+    config = tmp_path / "agents.yaml"
+    config.write_text(text)
+    result = run_cli("run", str(REPO / "examples" / "prompts.jsonl"), "--config", str(config), "--endpoint", "http://x/v1")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_and_unreadable_config_and_profile(tmp_path: Path) -> None:
+    prompts = str(REPO / "examples" / "prompts.jsonl")
+    missing = run_cli("run", prompts, "--config", str(tmp_path / "nope.yaml"), "--endpoint", "http://x/v1")
+    assert missing.returncode == 2 and f"{tmp_path / 'nope.yaml'}: no such file" in missing.stderr
+    folder = run_cli("run", prompts, "--config", str(tmp_path), "--endpoint", "http://x/v1")
+    assert folder.returncode == 2 and "Traceback" not in folder.stderr
+    bad_profile = tmp_path / "p.yaml"
+    bad_profile.write_text("executor: local\nnamespace: x\n")
+    wrong = run_cli("run", prompts, "--profile", str(bad_profile), "--endpoint", "http://x/v1")
+    assert wrong.returncode == 2 and "'namespace' applies only to executor kubernetes" in wrong.stderr
+    env_bad = run_cli("run", prompts, "--endpoint", "http://x/v1", env={"PARSL_CHAT_WORKRS": "3"})
+    assert env_bad.returncode == 2 and "PARSL_CHAT_WORKRS is not a parsl-chat setting" in env_bad.stderr
+
+
+def test_unwritable_output_is_refused_before_sending(sim_server, tmp_path: Path) -> None:
+    server = sim_server()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_cli("run", str(REPO / "examples" / "prompts.jsonl"), "--endpoint", server.url, "--out", str(blocker / "run"))
+    assert result.returncode == 2
+    assert "cannot write the run directory" in result.stderr and "Traceback" not in result.stderr
+    assert server.requests() == []
