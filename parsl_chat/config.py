@@ -678,15 +678,20 @@ def _check_applicable(profile: ProfileConfig, sources: dict[str, Source]) -> Non
         if getattr(profile, key) < 1:
             raise ConfigError(f"{sources.get('profile.' + key, DEFAULT).where()}: '{key}' must be at least 1")
     if profile.min_blocks > profile.max_blocks or profile.init_blocks > profile.max_blocks:
-        raise ConfigError(f"{sources.get('profile.max_blocks', DEFAULT).where()}: init_blocks and min_blocks must not exceed max_blocks")
+        raise ConfigError(
+            f"{sources.get('profile.max_blocks', DEFAULT).where()}: init_blocks and min_blocks must not exceed max_blocks"
+        )
 
 
 def _validate_run(run: RunConfig, sources: dict[str, Source]) -> None:
     if run.routing not in ROUTINGS:
-        raise ConfigError(f"{sources.get('routing', DEFAULT).where()}: unknown routing {run.routing!r}; valid: {', '.join(ROUTINGS)}")
+        raise ConfigError(
+            f"{sources.get('routing', DEFAULT).where()}: unknown routing {run.routing!r}; valid: {', '.join(ROUTINGS)}"
+        )
     if run.server.kind not in SERVER_KINDS:
         raise ConfigError(
-            f"{sources.get('server.kind', DEFAULT).where()}: unknown server kind {run.server.kind!r}; valid: {', '.join(SERVER_KINDS)}"
+            f"{sources.get('server.kind', DEFAULT).where()}: unknown server kind {run.server.kind!r}; "
+            f"valid: {', '.join(SERVER_KINDS)}"
         )
     if run.server.kind == "command" and not run.server.command:
         raise ConfigError(f"{sources.get('server.kind', DEFAULT).where()}: server kind 'command' needs 'server.command'")
@@ -698,7 +703,9 @@ def _validate_run(run: RunConfig, sources: dict[str, Source]) -> None:
         raise ConfigError(f"{sources.get('limits.max_attempts', DEFAULT).where()}: 'limits.max_attempts' must be at least 1")
     for agent in run.agents:
         if agent.concurrency is not None and agent.concurrency < 1:
-            raise ConfigError(f"{sources.get(f'agents.{agent.name}.concurrency', DEFAULT).where()}: agent concurrency must be at least 1")
+            raise ConfigError(
+                f"{sources.get(f'agents.{agent.name}.concurrency', DEFAULT).where()}: agent concurrency must be at least 1"
+            )
         if agent.weight <= 0:
             raise ConfigError(f"{sources.get(f'agents.{agent.name}.weight', DEFAULT).where()}: agent weight must be positive")
     parse_max_failures(run.max_failures, sources.get("max_failures", DEFAULT).where())

@@ -617,7 +617,7 @@ def _update_blocks(meta: dict[str, Any], earlier: list[dict[str, Any]], backend:
     if backend is None:
         return
     blocks = earlier + backend.blocks()
-    processes = getattr(backend, "processes", list)()
+    processes: list[dict[str, Any]] = getattr(backend, "processes", list)()
     if blocks != meta["blocks"] or processes != meta.get("processes"):
         meta["blocks"] = blocks
         meta["processes"] = processes
