@@ -28,7 +28,7 @@ def kill_orphans(meta: dict[str, Any]) -> list[str]:
     for record in meta.get("processes", []):
         try:
             proc = psutil.Process(record["pid"])
-            if abs(proc.create_time() - record["started"]) > 1.0:
+            if abs(proc.create_time() - record["started"]) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             family = [*proc.children(recursive=True), proc]
         except (psutil.Error, KeyError, TypeError):

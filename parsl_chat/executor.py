@@ -75,7 +75,9 @@ def where_am_i() -> dict[str, str | None]:
     hostname = socket.gethostname()
     node = os.environ.get("SLURMD_NODENAME") or os.environ.get("PARSL_CHAT_POD_NODE") or hostname
     rank = os.environ.get("PARSL_WORKER_RANK")
-    worker = f"{node}/w{rank}" if rank is not None else f"{node}/p{os.getpid()}-t{threading.get_ident() % 10000}"
+    # several pods share a Kubernetes node: name the pod, so workers stay distinct
+    host = os.environ.get("PARSL_CHAT_POD_NAME") or node
+    worker = f"{host}/w{rank}" if rank is not None else f"{node}/p{os.getpid()}-t{threading.get_ident() % 10000}"
     return {
         "hostname": hostname,
         "node": node,

@@ -8,12 +8,15 @@ later ``cleanup`` can cancel them if this driver dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -181,8 +184,11 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
         heartbeat_period=5,
         heartbeat_threshold=30,
         poll_period=10,
-        worker_logdir_root=str(parsl_dir / "workers"),
-        encrypted=False,  # loopback or cluster-internal; saves CPU per chunk
+        # pods have no access to the driver's run directory
+        worker_logdir_root="/tmp/parsl-chat-workers" if profile.executor == "kubernetes" else str(parsl_dir / "workers"),
+        # per-run CurveZMQ keys: an interchange orphaned by a killed driver can never
+        # be joined by the next run's workers when ports are reused
+        encrypted=True,
     )
     return Config(
         executors=[htex],
@@ -193,6 +199,27 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
         retries=0,  # the driver re-queues lost chunks itself, with exactly-once bookkeeping
         usage_tracking=0,
     )
+
+
+@contextlib.contextmanager
+def _children_ignore_terminal_signals() -> Iterator[None]:
+    """Processes started inside (the interchange, local worker pools) ignore Ctrl-C and hang-up.
+
+    They run in our process group: a Ctrl-C meant for the driver (which stops
+    cleanly on its own) would kill the interchange, and Parsl's cleanup would then
+    wait for it forever. Ignored signals are inherited across exec.
+    """
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread: nothing to protect from
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class ParslBackend:
@@ -227,7 +254,8 @@ class ParslBackend:
         for name in ("parsl",):
             logging.getLogger(name).propagate = False
         try:
-            self._dfk = parsl.load(config)
+            with _children_ignore_terminal_signals():
+                self._dfk = parsl.load(config)
         except Exception as exc:  # Parsl raises many types here; all mean "could not start"
             raise ExecutorError(f"could not start the Parsl executor ({self.profile.executor}): {exc}") from exc
         self._app = python_app(run_chunk, executors=[config.executors[0].label], data_flow_kernel=self._dfk)

@@ -180,7 +180,7 @@ def _prompts_path(opts: RunOptions, run_dir: Path, previous: dict[str, Any]) -> 
     return Path(given).resolve()
 
 
-def _endpoint_and_server(settings: Settings, local_driver: bool) -> tuple[str | None, str, Secret | None, str]:
+def endpoint_and_server(settings: Settings, local_driver: bool) -> tuple[str | None, str, Secret | None, str]:
     """(endpoint, model, api key, how): ``how`` is 'given', 'driver' or 'per-node'."""
     run = settings.run
     model = run.model or run.server.model
@@ -197,7 +197,7 @@ def _endpoint_and_server(settings: Settings, local_driver: bool) -> tuple[str | 
 # --------------------------------------------------------------------------- chunking
 
 
-def _chunk_size(agents: list[AgentSpec], slots: list[int], workers: int, total: int, configured: int) -> int:
+def chunk_size(agents: list[AgentSpec], slots: list[int], workers: int, total: int, configured: int) -> int:
     if configured > 0:
         return configured
     per_worker = sum(slots)
@@ -206,7 +206,7 @@ def _chunk_size(agents: list[AgentSpec], slots: list[int], workers: int, total: 
     return max(1, min(size, spread, 512))
 
 
-def _slots_per_worker(agents: list[AgentSpec], workers: int, in_process: bool) -> list[int]:
+def slots_per_worker(agents: list[AgentSpec], workers: int, in_process: bool) -> list[int]:
     if in_process:  # one process shares each agent's limit across all its chunks
         return [a.concurrency for a in agents]
     return [max(1, round(a.concurrency / workers)) for a in agents]
@@ -349,7 +349,7 @@ def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunO
         )
 
     local_driver = opts.no_parsl or settings.profile.executor == "local"
-    endpoint, model, api_key, how = _endpoint_and_server(settings, local_driver)
+    endpoint, model, api_key, how = endpoint_and_server(settings, local_driver)
     agents = resolve_agents(settings, endpoint or NODE_LOCAL_ENDPOINT, model, api_key)
     router = Router(agents, settings.run.routing)
     unknown = router.unknown_pins(list(scanned.pinned_agents))
@@ -447,7 +447,7 @@ def _run(
             )
         _clean_previous_driver(previous, console)
 
-    slots = _slots_per_worker(agents, workers, in_process)
+    slots = slots_per_worker(agents, workers, in_process)
     agents = _effective_concurrency(agents, slots, workers, in_process, console)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(settings.as_dict(redact=True), sort_keys=False))
     stop_file = run_dir / ".stop"
@@ -507,13 +507,18 @@ def _run(
             else ParslBackend(settings.profile, run_id, run_dir / "logs" / "parsl")
         )
         backend.start()
+        if not in_process and settings.profile.executor == "kubernetes":
+            from .kube import cluster_record
+
+            # how `cleanup` reaches this cluster later, whatever the environment then
+            meta["kubernetes"] = previous.get("kubernetes") or cluster_record(settings.profile, run_id)
         _update_blocks(meta, earlier, backend, run_dir)  # the interchange's pid, before anything can kill us
         deadline = _walltime_deadline()
         total = scanned.valid - (len(index) if index is not None else 0)
         if index is not None and opts.retry_failed:
             total += index.failed
-        chunk_size = _chunk_size(agents, slots, workers, max(total, 0), settings.run.limits.chunk_size)
-        log.info("run %s: %d agents, %d workers, chunk size %d, backend %r", run_id, len(agents), workers, chunk_size, backend)
+        size = chunk_size(agents, slots, workers, max(total, 0), settings.run.limits.chunk_size)
+        log.info("run %s: %d agents, %d workers, chunk size %d, backend %r", run_id, len(agents), workers, size, backend)
         with RunProgress(max(total, 0), console=console, quiet=opts.quiet) as progress:
             _dispatch(
                 backend=backend,
@@ -529,7 +534,7 @@ def _run(
                     node_server=node_server_cfg,
                     extra={"node_endpoint_placeholder": NODE_LOCAL_ENDPOINT},
                 ),
-                chunk_size=chunk_size,
+                chunk_size=size,
                 in_flight=max(2, 2 * workers),
                 ledger=ledger,
                 progress=progress,
@@ -594,6 +599,12 @@ def _clean_previous_driver(previous: dict[str, Any], console: Console) -> None:
     orphans = kill_orphans(previous)
     if orphans:
         console.print(f"stopped local Parsl process(es) left by the previous driver: {', '.join(orphans)}")
+    if previous.get("executor") == "kubernetes":
+        from .kube import delete_run_pods
+
+        deleted = delete_run_pods(previous)
+        if deleted:
+            console.print(f"deleted {len(deleted)} pod(s) left by the previous driver: {', '.join(deleted)}")
     stale = [b["job_id"] for b in previous.get("blocks", []) if b.get("job_id")]
     if stale and previous.get("executor") == "slurm":
         cancelled = cancel_slurm_jobs(stale)
