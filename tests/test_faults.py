@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def test_flaky_endpoint_every_prompt_ends_ok(backend: str, sim_server, tmp_path:
         by_prompt.setdefault(r["prompt"], []).append(r)
     for attempts in by_prompt.values():
         attempts.sort(key=lambda r: r["t"])
-        for first, second in zip(attempts, attempts[1:]):
+        for first, second in itertools.pairwise(attempts):
             if first["status"] == 429:
                 assert second["t"] - first["t"] >= 0.19
     summary = json.loads((out / "summary.json").read_text())

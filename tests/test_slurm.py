@@ -141,3 +141,24 @@ def test_walltime_stops_cleanly_and_continuation_finishes(slurm_cluster, slurm_c
     assert df.job_id.nunique() >= 2  # answered across the first job and its continuation
     answered = [r["prompt"] for r in server.requests() if r["status"] == 200]
     assert len(answered) == len(set(answered)), "a prompt already recorded was sent again"
+
+
+def test_blocks_scale_out_while_work_is_queued(slurm_cluster, slurm_clean, sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=200)
+    profile = tmp_path / "scaling.yaml"
+    profile.write_text(
+        "executor: slurm\npartition: debug\nnodes_per_block: 1\ninit_blocks: 1\nmin_blocks: 0\nmax_blocks: 2\n"
+        "workers: 2\nwalltime: '00:10:00'\nstrategy: simple\nstrategy_period_s: 1\nstatus_polling_s: 1\n"
+    )
+    out = tmp_path / "run"
+    result = run_cli("run", str(_prompts(tmp_path / "p.jsonl", 300)), "--profile", str(profile), "--endpoint", server.url,
+                     "--out", str(out), env=slurm_cluster.env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    blocks = json.loads((out / "run.json").read_text())["blocks"]
+    assert len(blocks) == 2 and len({b["job_id"] for b in blocks}) == 2  # Parsl added a second block for the queue
+    assert all(b["submitted_at"] and b["ended_at"] for b in blocks)
+    df = pd.read_parquet(out / "results.parquet")
+    assert df.job_id.nunique() == 2  # both blocks did work (SLURM may pack both on one node)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["allocation"]["blocks"]) == 2
+    assert slurm_cluster.wait_queue_empty() == []
