@@ -419,7 +419,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
         **_efficiency(df, run, wall_s),
         "agents": _agents(df, run, wall_s),
         "nodes": _nodes(df, wall_s),
-        "workers": _workers(df, wall_s),
+        "workers": _workers(df, wall_s, _slots_per_worker(run)),
         "allocation": allocation,
         "cost": _cost(df, run, wall_s, allocation, tokens),
         "errors": _errors(df),
@@ -691,9 +691,18 @@ def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
     return out
 
 
-def _workers(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
-    """One entry per (node, worker). ``utilisation`` = busy_s / wall_s (a worker
-    runs one request at a time, so 1.0 means it never waited for work). Rows as in :func:`_nodes`."""
+def _slots_per_worker(run: Mapping[str, Any]) -> float | None:
+    """Request slots each worker process holds: ``agent_slots`` / ``workers`` (a worker runs many requests at once)."""
+    slots, workers = _slots(run), run.get("workers")
+    if slots and isinstance(workers, (int, float)) and workers > 0:
+        return max(1.0, slots / workers)
+    return None
+
+
+def _workers(df: pd.DataFrame, wall_s: float | None, slots: float | None = None) -> list[dict[str, Any]]:
+    """One entry per (node, worker). ``utilisation`` = busy_s / (slots per worker x wall_s):
+    1.0 means every request slot of the worker was busy the whole run (without
+    ``workers``/``agent_slots`` in run.json, slots count as 1). Rows as in :func:`_nodes`."""
     df = _ran(df)
     place = _place(df)
     worker = df["worker"].fillna("unknown").astype("str")
@@ -707,7 +716,7 @@ def _workers(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
                 "ok": int(row["ok"]),
                 "error": int(row["error"]),
                 "busy_s": float(row["busy_s"]),
-                "utilisation": _ratio(float(row["busy_s"]), wall_s),
+                "utilisation": _ratio(float(row["busy_s"]), wall_s * (slots or 1.0) if wall_s else None),
             }
         )
     return out

@@ -111,7 +111,12 @@ class _WorkerState:
         key = (run_id, agent.name)
         lim = self.limits.get(key)
         if lim is None or lim.max_slots != slots:
-            lim = AgentLimits(slots, cfg.requests_per_minute, cfg.tokens_per_minute)
+            shared = None
+            if cfg.requests_per_minute or cfg.tokens_per_minute:
+                from .server import node_state_dir
+
+                shared = node_state_dir(run_id) / "limits" / agent.name
+            lim = AgentLimits(slots, cfg.requests_per_minute, cfg.tokens_per_minute, shared_dir=shared)
             self.limits[key] = lim
         return lim
 

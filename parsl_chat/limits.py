@@ -5,20 +5,23 @@
 * a concurrency window that starts at the configured slots, halves on 429s
   and timeouts and grows by one slot per window of successes (AIMD, as TCP
   does), never above the configured limit;
-* requests-per-minute and tokens-per-minute token buckets.
+* requests-per-minute and tokens-per-minute token buckets, shared by all
+  worker processes of a node (a limit is a per-node budget).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["AgentLimits", "TokenBucket"]
+__all__ = ["AgentLimits", "SharedTokenBucket", "TokenBucket"]
 
 #: failures that mean "too much": shrink the window
 _THROTTLE = frozenset({"rate_limit", "timeout"})
@@ -55,16 +58,69 @@ class TokenBucket:
             self.level -= amount
 
 
+class SharedTokenBucket(TokenBucket):
+    """A token bucket kept in a node-local file, so every worker process on the node draws from one budget.
+
+    Each take is a short ``flock``-ed read-modify-write (tens of microseconds);
+    it is used only when a rate limit is configured.
+    """
+
+    def __init__(self, rate_per_min: float, path: Path) -> None:
+        super().__init__(rate_per_min)
+        self.path = path
+        if self.rate > 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _update(self, amount: float, *, must_fit: bool) -> float:
+        """Take ``amount`` if it fits (or unconditionally); returns seconds to wait, 0 when taken."""
+        with self.path.open("a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            try:
+                level, stamp = (float(x) for x in fh.read().split())
+            except ValueError:  # new file
+                level, stamp = self.capacity, time.time()
+            now = time.time()
+            level = min(self.capacity, level + max(0.0, now - stamp) * self.rate)
+            need = min(amount, self.capacity)
+            wait = 0.0
+            if must_fit and level < need:
+                wait = (need - level) / self.rate
+            else:
+                level -= amount
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{level} {now}")
+            return wait
+
+    async def take(self, amount: float = 1.0) -> None:
+        if self.rate <= 0:
+            return
+        while (wait := self._update(amount, must_fit=True)) > 0:
+            await asyncio.sleep(wait)
+
+    def charge(self, amount: float) -> None:
+        if self.rate > 0:
+            self._update(amount, must_fit=False)
+
+
 class AgentLimits:
     """One agent's concurrency window and rate budgets in this worker."""
 
-    def __init__(self, max_slots: int, requests_per_minute: int = 0, tokens_per_minute: int = 0) -> None:
+    def __init__(
+        self, max_slots: int, requests_per_minute: int = 0, tokens_per_minute: int = 0, shared_dir: Path | None = None
+    ) -> None:
         self.max_slots = max_slots
         self.window = float(max_slots)
         self.in_flight = 0
         self._cond: asyncio.Condition | None = None
-        self.requests = TokenBucket(requests_per_minute)
-        self.tokens = TokenBucket(tokens_per_minute)
+        # rate budgets are per node: the workers of one node share them through a file
+        if shared_dir is not None:
+            self.requests: TokenBucket = SharedTokenBucket(requests_per_minute, shared_dir / "requests.bucket")
+            self.tokens: TokenBucket = SharedTokenBucket(tokens_per_minute, shared_dir / "tokens.bucket")
+        else:
+            self.requests = TokenBucket(requests_per_minute)
+            self.tokens = TokenBucket(tokens_per_minute)
         self._metrics_checked = 0.0
         self._server_waiting = 0
 

@@ -315,7 +315,7 @@ def _workers_table(summary: Mapping[str, Any]) -> list[Any]:
     if not workers:
         return []
     utils = [w["utilisation"] for w in workers if w["utilisation"] is not None]
-    caption = "utilisation = busy seconds / wall time"
+    caption = "utilisation = busy seconds / (request slots per worker x wall time)"
     if len(workers) > MAX_TERMINAL_ROWS:
         shown = sorted(workers, key=lambda w: w["utilisation"] or 0.0)[: MAX_TERMINAL_ROWS // 2]
         caption += (
@@ -893,7 +893,7 @@ def _plot_nodes(ctx: _Ctx) -> Figure:
 
 def _plot_workers(ctx: _Ctx) -> Figure:
     workers = sorted(ctx.summary["workers"], key=lambda w: (_natural_key(w["node"]), _natural_key(w["worker"])))
-    title = "Worker utilisation (busy time / wall time)"
+    title = "Worker utilisation (busy time / (slots x wall time))"
     utils = np.array([w["utilisation"] if w["utilisation"] is not None else np.nan for w in workers], dtype=float)
     if not workers or not np.isfinite(utils).any():
         return _placeholder(title, "no worker ran a request" if not workers else "wall time unknown")

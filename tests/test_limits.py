@@ -386,3 +386,36 @@ def test_wait_for_server_queue_without_metrics(clock: Clock) -> None:
 
     run(main())
     assert clock.sleeps == []
+
+
+def _drain(path: str, count: int) -> None:
+    import asyncio as _asyncio
+    from pathlib import Path as _Path
+
+    from parsl_chat.limits import SharedTokenBucket
+
+    bucket = SharedTokenBucket(120, _Path(path))  # 2 per second, burst of 10
+
+    async def go() -> None:
+        for _ in range(count):
+            await bucket.take(1)
+
+    _asyncio.run(go())
+
+
+def test_shared_bucket_is_one_budget_for_all_processes_of_a_node(tmp_path) -> None:
+    import multiprocessing
+    import time as _time
+
+    path = str(tmp_path / "requests.bucket")
+    started = _time.monotonic()
+    procs = [multiprocessing.get_context("spawn").Process(target=_drain, args=(path, 8)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    elapsed = _time.monotonic() - started
+    assert all(p.exitcode == 0 for p in procs)
+    # 16 requests against a burst of 10 and 2/s: the 6 beyond the burst need >= 3 s in total.
+    # Two private buckets would have let all 16 through at once.
+    assert elapsed >= 2.5
