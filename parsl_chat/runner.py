@@ -7,10 +7,12 @@ every finished row goes through the ledger before anything else sees it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -31,7 +33,7 @@ from rich.console import Console
 from . import __version__
 from .agents import AgentSpec, resolve_agents
 from .config import Secret, Settings, load_settings, parse_max_failures
-from .errors import ConfigError, InputError, OutputError, RunFailed, RunInterrupted
+from .errors import ConfigError, InputError, OutputError, RunFailed, RunInterrupted, ServerError
 from .executor import Backend, ChunkTask, InProcessBackend, WorkItem, iso
 from .ledger import Ledger, LedgerIndex, digest_matches
 from .progress import RunProgress
@@ -74,6 +76,17 @@ class RunOutcome:
     exit_code: int
     summary: dict[str, Any]
     message: str
+
+
+def run_id_for(run_dir: Path) -> str:
+    """The directory's name, made unique when the user chose a plain name like ``--out run``.
+
+    Node-local state (model servers, rate budgets) is keyed by it.
+    """
+    name = run_dir.name
+    if re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", name):
+        return name
+    return f"{name}-{hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=3).hexdigest()}"
 
 
 def new_run_dir(base: Path = Path("runs")) -> Path:
@@ -432,7 +445,7 @@ def _run(
 ) -> RunOutcome:
     from .profiles import ParslBackend
 
-    run_id = previous.get("run_id") or run_dir.name
+    run_id = previous.get("run_id") or run_id_for(run_dir)
     # blocks of earlier drivers of this run are over (finished, or cancelled below)
     earlier = [{**b, "ended_at": b.get("ended_at") or iso(time.time())} for b in previous.get("blocks", [])]
     ledger_path = run_dir / "ledger.jsonl"
@@ -727,6 +740,8 @@ def _dispatch(
             task, tries = pending.pop(future)
             try:
                 rows = future.result()
+            except ServerError:
+                raise  # a node's model server cannot start: retrying elsewhere would fail alike
             except Exception as exc:  # a worker or block died: the chunk's rows never arrived
                 if tries + 1 < CHUNK_RETRIES and not stop:
                     log.warning("chunk %d lost (%s: %s); sending it again", task.chunk_id, type(exc).__name__, exc)

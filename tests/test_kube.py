@@ -30,6 +30,8 @@ import pytest
 import yaml
 from conftest import EXAMPLES, REPO, run_cli
 
+from parsl_chat.runner import run_id_for
+
 pytest.importorskip("kmock")
 client = pytest.importorskip("kubernetes.client")
 kconfig = pytest.importorskip("kubernetes.config")
@@ -217,7 +219,7 @@ def test_run_on_pods_end_to_end(emulator: Emulator, sim_server, tmp_path: Path) 
     profile = write_profile(tmp_path / "k8s.yaml", emulator.kubeconfig)
     out = tmp_path / "k8s-e2e"
     started = time.monotonic()
-    with SpecRecorder(emulator, out.name) as recorder:
+    with SpecRecorder(emulator, run_id_for(out)) as recorder:
         result = run_cli(
             "run", str(EXAMPLES / "prompts.jsonl"), "--profile", str(profile), "--endpoint", server.url, "--out", str(out),
         )  # fmt: skip
@@ -228,10 +230,10 @@ def test_run_on_pods_end_to_end(emulator: Emulator, sim_server, tmp_path: Path) 
 
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == 30 and (df.status == "ok").all()
-    pods = emulator.pods(out.name)
+    pods = emulator.pods(run_id_for(out))
     names = {p["name"] for p in pods}
     assert 1 <= len(pods) <= 2  # max_blocks
-    assert all(n.startswith(f"parsl-chat-{out.name}.") for n in names)
+    assert all(n.startswith(f"parsl-chat-{run_id_for(out)}.") for n in names)
     # every row names the pod it ran in, and the node the pod ran on
     assert df.job_id.notna().all() and set(df.job_id) <= names
     assert set(df.node) == {NODE}
@@ -253,13 +255,13 @@ def test_run_on_pods_end_to_end(emulator: Emulator, sim_server, tmp_path: Path) 
         assert spec["spec"]["node_selector"] == {"kubernetes.io/arch": "amd64"}
         assert spec["spec"]["service_account_name"] == "parsl-chat-runner"
         assert spec["spec"]["restart_policy"] == "Never"
-        assert spec["metadata"]["annotations"][RUN_LABEL] == out.name
+        assert spec["metadata"]["annotations"][RUN_LABEL] == run_id_for(out)
         env = {e["name"]: e for e in container["env"]}
         assert env["PARSL_CHAT_POD_NAME"]["value_from"]["field_ref"]["field_path"] == "metadata.name"
         assert env["PARSL_CHAT_POD_NODE"]["value_from"]["field_ref"]["field_path"] == "spec.nodeName"
 
-    wait_for(lambda: emulator.all_gone(out.name), 20, "every pod of the run to be deleted")
-    assert emulator.api().list_namespaced_pod("default", label_selector=f"{RUN_LABEL}={out.name}").items == []
+    wait_for(lambda: emulator.all_gone(run_id_for(out)), 20, "every pod of the run to be deleted")
+    assert emulator.api().list_namespaced_pod("default", label_selector=f"{RUN_LABEL}={run_id_for(out)}").items == []
 
 
 @pytest.mark.slow
@@ -274,7 +276,7 @@ def test_interrupted_run_exits_3_and_deletes_its_pods(emulator: Emulator, sim_se
     helpers: list[int] = []
     try:
         wait_for(lambda: first_results(out), 120, "first results")
-        assert [p for p in emulator.pods(out.name) if not p["deleted"]], "pods should be running mid-run"
+        assert [p for p in emulator.pods(run_id_for(out)) if not p["deleted"]], "pods should be running mid-run"
         helpers = driver.children()
         started = time.monotonic()
         driver.proc.send_signal(signal.SIGTERM)
@@ -287,7 +289,7 @@ def test_interrupted_run_exits_3_and_deletes_its_pods(emulator: Emulator, sim_se
     assert "run stopped (SIGTERM)" in text and f"parsl-chat run --resume {out}" in text
     assert "Traceback" not in text
     assert stopping < 60, f"stopping took {stopping:.0f}s"
-    wait_for(lambda: emulator.all_gone(out.name), 20, "every pod of the interrupted run to be deleted")
+    wait_for(lambda: emulator.all_gone(run_id_for(out)), 20, "every pod of the interrupted run to be deleted")
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
 
@@ -309,10 +311,10 @@ def test_killed_driver_leaves_pods_that_cleanup_deletes(emulator: Emulator, sim_
         helpers = driver.children()
         driver.proc.send_signal(signal.SIGKILL)
         driver.wait(30)
-        left = sorted(p["name"] for p in emulator.pods(out.name) if not p["deleted"])
+        left = sorted(p["name"] for p in emulator.pods(run_id_for(out)) if not p["deleted"])
         assert left, "the pods should have outlived their driver"
         recorded = {b["job_id"] for b in json.loads((out / "run.json").read_text())["blocks"]}
-        assert recorded <= {p["name"] for p in emulator.pods(out.name)}
+        assert recorded <= {p["name"] for p in emulator.pods(run_id_for(out))}
 
         started = time.monotonic()
         result = run_cli("cleanup", str(out))
@@ -322,7 +324,7 @@ def test_killed_driver_leaves_pods_that_cleanup_deletes(emulator: Emulator, sim_
         driver.kill(helpers)  # its interchange too, if cleanup left it: it would answer a later driver
     (line,) = [x for x in result.stdout.splitlines() if x.startswith("deleted pod(s): ")]
     assert sorted(line.removeprefix("deleted pod(s): ").split(", ")) == left
-    wait_for(lambda: emulator.all_gone(out.name), 20, "the leftover pods to be deleted")
+    wait_for(lambda: emulator.all_gone(run_id_for(out)), 20, "the leftover pods to be deleted")
     again = run_cli("cleanup", str(out))
     assert again.returncode == 0 and "nothing to delete" in again.stdout
 
@@ -348,8 +350,8 @@ def test_failing_pods_are_explained_and_deleted(emulator: Emulator, tmp_path: Pa
     assert len(df) == 30 and (df.status == "error").all()
     assert df.error.str.contains("failed (exit code 3", regex=False).all()
     assert df.error.str.contains("no parsl-chat in this image", regex=False).all()
-    assert {p["phase"] for p in emulator.pods(out.name)} == {"Failed"}
-    wait_for(lambda: emulator.all_gone(out.name), 20, "the Failed pods to be deleted")
+    assert {p["phase"] for p in emulator.pods(run_id_for(out))} == {"Failed"}
+    wait_for(lambda: emulator.all_gone(run_id_for(out)), 20, "the Failed pods to be deleted")
 
 
 # --------------------------------------------------------------------------- fail fast

@@ -162,3 +162,42 @@ def test_blocks_scale_out_while_work_is_queued(slurm_cluster, slurm_clean, sim_s
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["allocation"]["blocks"]) == 2
     assert slurm_cluster.wait_queue_empty() == []
+
+
+def _server_config(tmp_path: Path, command: str, ready_timeout_s: float = 30) -> Path:
+    config = tmp_path / "agents.yaml"
+    config.write_text(
+        "agents:\n  - name: analyst\n  - name: teacher\nlimits:\n  concurrency: 4\n"
+        f"server:\n  kind: command\n  command: {json.dumps(command)}\n  model: sim\n  ready_path: /health\n"
+        f"  ready_timeout_s: {ready_timeout_s}\n"
+    )
+    return config
+
+
+def test_each_node_starts_its_own_model_server(slurm_cluster, slurm_clean, tmp_path: Path) -> None:
+    command = f"{sys.executable} -m parsl_chat.testing --host {{host}} --port {{port}} --latency-ms 20 --model {{model}}"
+    out = tmp_path / "run"
+    config = _server_config(tmp_path, command)
+    result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--profile", "slurm", "--config", str(config),
+                     "--out", str(out), env=slurm_cluster.env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and set(df.node) == {"n1", "n2"}
+    # one server per node: each node's rows went to its own endpoint, and the two differ
+    per_node = df.groupby("node").endpoint.unique()
+    assert all(len(endpoints) == 1 for endpoints in per_node)
+    assert per_node["n1"][0] != per_node["n2"][0]
+    assert slurm_cluster.wait_queue_empty() == []
+
+
+def test_a_node_server_that_never_starts_names_the_node(slurm_cluster, slurm_clean, tmp_path: Path) -> None:
+    command = f"{sys.executable} -c 'import sys; sys.exit(3)'"
+    out = tmp_path / "run"
+    config = _server_config(tmp_path, command)
+    result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--profile", "slurm", "--config", str(config),
+                     "--out", str(out), env=slurm_cluster.env(), timeout=180)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "exited with status 3" in result.stderr, result.stderr
+    assert "on node n1" in result.stderr or "on node n2" in result.stderr
+    assert slurm_cluster.wait_queue_empty() == []
