@@ -81,6 +81,7 @@ class ProfileConfig:
     SECTION: ClassVar[str] = "profile"
     #: keys that only make sense for some executors (checked after loading)
     ONLY_FOR: ClassVar[dict[str, tuple[str, ...]]] = {
+        "warm_start": ("local",),
         "partition": ("slurm",),
         "account": ("slurm",),
         "qos": ("slurm",),
@@ -116,6 +117,7 @@ class ProfileConfig:
     scheduler_options: str = ""
     worker_init: str = ""
     strategy: str = "simple"  # Parsl scaling strategy: none, simple, htex_auto_scale
+    warm_start: bool = True  # local: answer the first chunks in-process while Parsl's workers start
     strategy_period_s: float = 1.0
     max_idletime_s: float = 60.0
     status_polling_s: int = 2  # Parsl's default of 60 s delays the first result on SLURM

@@ -133,6 +133,12 @@ def _state() -> _WorkerState:
         return _STATE
 
 
+def warm_worker() -> int:
+    """A no-op task that makes a worker import this module and start its loop (warm start)."""
+    _state()
+    return os.getpid()
+
+
 def run_chunk(task: ChunkTask) -> list[dict[str, Any]]:
     """Run one chunk and return a row per prompt it finished (the Parsl app body)."""
     state = _state()

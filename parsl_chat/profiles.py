@@ -25,7 +25,7 @@ import psutil
 
 from .config import ProfileConfig
 from .errors import ExecutorError
-from .executor import ChunkTask, iso, run_chunk
+from .executor import ChunkTask, iso, run_chunk, warm_worker
 
 __all__ = ["ParslBackend", "allocation_nodes", "build_parsl_config", "plan_lines", "total_workers"]
 
@@ -267,6 +267,13 @@ class ParslBackend:
     def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
         future: Future[list[dict[str, Any]]] = self._app(task)
         return future
+
+    def warm_up(self) -> list[Future[int]]:
+        """One no-op task per worker: done once workers have started and imported parsl-chat."""
+        from parsl import python_app
+
+        app = python_app(warm_worker, executors=[self._app.executors[0]], data_flow_kernel=self._dfk)
+        return [app() for _ in range(max(1, self.workers))]
 
     def note_rows(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -519,6 +520,8 @@ def _run(
             if in_process
             else ParslBackend(settings.profile, run_id, run_dir / "logs" / "parsl")
         )
+        if isinstance(backend, ParslBackend) and settings.profile.executor == "local" and settings.profile.warm_start:
+            backend = WarmStartBackend(backend, settings.profile.workers, run_dir / ".warm-start-drain", stop_file)
         backend.start()
         if not in_process and settings.profile.executor == "kubernetes":
             from .kube import cluster_record
@@ -750,6 +753,12 @@ def _dispatch(
                 if stop:
                     continue  # not recorded, so a resume sends it again
                 rows = _lost_rows(task, exc)
+            if not stop and len(rows) < sum(len(item.prompts) for item in task.items):
+                # a drained chunk (warm start handing over to Parsl): send what it did not start again
+                done_ids = {row["custom_id"] for row in rows}
+                rest = [item for item in task.items if not all(p["custom_id"] in done_ids for p in item.prompts)]
+                if rest:
+                    submit(replace(task, items=rest), tries)
             ledger.append(rows)
             if note_rows is not None:
                 note_rows(rows)
@@ -784,6 +793,82 @@ def _lost_rows(task: ChunkTask, exc: BaseException) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+class WarmStartBackend:
+    """Parsl on this machine, with the first chunks run in this process while Parsl starts.
+
+    HTEX needs seconds before a worker runs anything (interchange, worker pool and worker
+    imports). Until a warm-up task has come back from a worker, chunks run in-process with
+    each agent's whole concurrency; then those chunks are drained (a file their slots check:
+    no new request, requests in flight finish), their unstarted items are sent again to Parsl
+    by the dispatcher, and only once the in-process requests are over do chunks go to Parsl,
+    so an agent's concurrency limit holds throughout.
+    """
+
+    def __init__(self, parsl: Any, threads: int, drain_file: Path, stop_file: Path) -> None:
+        self.parsl = parsl
+        self.label = parsl.label
+        self.workers = parsl.workers
+        self.local = InProcessBackend(threads)
+        self.drain_file = drain_file
+        self.stop_file = stop_file
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._local: set[Future[list[dict[str, Any]]]] = set()
+        self._handed_over = False
+        self.handover_s: float | None = None
+
+    def __repr__(self) -> str:
+        return f"WarmStartBackend({self.parsl!r})"
+
+    def __getattr__(self, name: str) -> Any:  # blocks(), processes(), note_rows(), executor: Parsl's
+        return getattr(self.parsl, name)
+
+    def start(self) -> None:
+        self.drain_file.unlink(missing_ok=True)
+        self.local.start()
+        started = time.monotonic()
+
+        def boot() -> None:
+            try:
+                self.parsl.start()
+                wait(self.parsl.warm_up(), return_when=FIRST_COMPLETED)
+            except BaseException as exc:  # reported by the next submit()
+                self._error = exc
+            self.handover_s = time.monotonic() - started
+            self._ready.set()
+
+        threading.Thread(target=boot, name="parsl-chat-warm-start", daemon=True).start()
+
+    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
+        if not self._ready.is_set():
+            if self.stop_file.exists():  # the run is stopping: in-process chunks stop too
+                self.drain_file.touch()
+            local = replace(task, slots=[a.concurrency for a in task.agents], stop_file=str(self.drain_file))
+            future = self.local.submit(local)
+            self._local.add(future)
+            future.add_done_callback(self._local.discard)
+            return future
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if not self._handed_over:
+            self.drain_file.touch()
+            wait(list(self._local))  # requests in flight here end before Parsl's workers start theirs
+            self._handed_over = True
+            log.info("warm start: Parsl workers took over after %.1f s", self.handover_s or 0.0)
+        return self.parsl.submit(task)
+
+    def shutdown(self) -> None:
+        self.drain_file.touch()
+        self.local.shutdown()
+        self._ready.wait(timeout=60)  # never leave a half-started Parsl behind
+        self.parsl.shutdown()
+        self.drain_file.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- signals

@@ -24,8 +24,10 @@ def _prompts(path: Path, n: int) -> Path:
     return path
 
 
-def _start(args: list[str]) -> subprocess.Popen[str]:
+def _start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    # Parsl-specific faults need Parsl's processes from the start, not the warm-start driver
+    env.update(extra_env or {"PARSL_CHAT_WARM_START": "0"})
     return subprocess.Popen(
         [sys.executable, "-m", "parsl_chat", *args],
         cwd=REPO,
@@ -79,7 +81,7 @@ def test_kill_9_at_random_points_then_resume_exactly_once(backend: str, sim_serv
         # what the server answers from now on must not include anything already recorded
         resent = [r for r in server.requests() if r["t"] > kill_time + 1.0 and r["prompt"] in _texts(recorded_at_kill)]
         assert resent == []
-    final = run_cli("run", "--resume", str(out), *extra)
+    final = run_cli("run", "--resume", str(out), *extra, env={"PARSL_CHAT_WARM_START": "0"})
     assert final.returncode == 0, final.stderr
     assert not [pid for pid in orphans if _alive(pid)], "the resume left the killed driver's Parsl processes running"
     df = pd.read_parquet(out / "results.parquet")

@@ -30,7 +30,8 @@ def test_examples_run_end_to_end(backend: str, sim_server, tmp_path: Path) -> No
     args = ["run", str(EXAMPLES / "prompts.jsonl"), "--endpoint", server.url, "--model", "sim", "--out", str(out)]
     if backend == "no-parsl":
         args.append("--no-parsl")
-    result = run_cli(*args)
+    # without warm start every row must come from a Parsl worker, proving the Parsl path
+    result = run_cli(*args, env={"PARSL_CHAT_WARM_START": "0"})
     assert result.returncode == 0, result.stderr
     for name in RUN_FILES:
         assert (out / name).is_file(), name
@@ -75,6 +76,21 @@ def test_parsl_and_in_process_agree(sim_server, tmp_path: Path) -> None:
     a = frames[0].set_index("custom_id").agent.sort_index()
     b = frames[1].set_index("custom_id").agent.sort_index()
     assert (a == b).all()
+
+
+def test_warm_start_hands_over_to_parsl_workers(sim_server, tmp_path: Path) -> None:
+    server = sim_server(latency_ms=100)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q {i}"}) + "\n" for i in range(600)))
+    out = tmp_path / "run"
+    result = run_cli("run", str(prompts), "--endpoint", server.url, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 600 and df.custom_id.is_unique and (df.status == "ok").all()
+    parsl_rows = df.block.notna()
+    assert parsl_rows.any() and (~parsl_rows).any()  # the driver answered first, Parsl's workers took over
+    assert df[~parsl_rows].finished_at.max() <= df[parsl_rows].started_at.min()  # never both at once
+    assert len(server.requests()) == 600  # drained chunks' unstarted prompts were sent once, by Parsl
 
 
 def test_openai_batch_file_round_trips(sim_server, tmp_path: Path) -> None:
