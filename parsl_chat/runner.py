@@ -572,13 +572,23 @@ def _run(
             _update_blocks(meta, earlier, backend, run_dir)
         if server is not None:
             server.stop()
-        ledger.close()
+        try:
+            ledger.close()
+        except OSError:
+            pass  # the failed write is reported below; complete lines are already on disk
         _restore_signals(previous_handlers)
         stop_file.unlink(missing_ok=True)
 
-    count = write_results(run_dir)
-    meta["finished_at"] = iso(time.time())
-    summary = _write_summary(run_dir, meta)
+    try:
+        count = write_results(run_dir)
+        meta["finished_at"] = iso(time.time())
+        summary = _write_summary(run_dir, meta)
+    except OSError as exc:
+        raise RunInterrupted(
+            f"cannot write the results in {run_dir}: {exc.strerror} ({stop.reason or 'after the last prompt'}); "
+            "every answer recorded so far is in ledger.jsonl",
+            hint=f"free space (or raise the quota), then finish with: parsl-chat run --resume {run_dir}",
+        ) from None
     failed = int(summary.get("counts", {}).get("error", 0))
     prompts = scanned.valid + len(skipped)
     if stop:
@@ -759,7 +769,12 @@ def _dispatch(
                 rest = [item for item in task.items if not all(p["custom_id"] in done_ids for p in item.prompts)]
                 if rest:
                     submit(replace(task, items=rest), tries)
-            ledger.append(rows)
+            try:
+                ledger.append(rows)
+            except OSError as exc:  # disk full, quota, file size limit: stop, keep what is recorded
+                stop.reason = f"cannot write {ledger.path}: {exc.strerror}"
+                stop.hard = True
+                return
             if note_rows is not None:
                 note_rows(rows)
             failed = sum(1 for r in rows if r["status"] != "ok")

@@ -260,3 +260,26 @@ def test_unwritable_output_is_refused_before_sending(sim_server, tmp_path: Path)
     assert result.returncode == 2
     assert "cannot write the run directory" in result.stderr and "Traceback" not in result.stderr
     assert server.requests() == []
+
+
+def test_full_disk_stops_cleanly_with_the_ledger_intact(sim_server, tmp_path: Path) -> None:
+    # a file size limit makes writes fail as on a full disk (Python ignores SIGXFSZ, so write() gets EFBIG)
+    server = sim_server()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i} " + "x" * 200}) + "\n" for i in range(3000)))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    limited = subprocess.run(
+        ["bash", "-c", f'ulimit -f 512 && exec "{sys.executable}" -m parsl_chat run {prompts} --endpoint {server.url} '
+         f"--out {out} --no-parsl --quiet"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert limited.returncode == 3, limited.stderr
+    assert "Traceback" not in limited.stderr and "File too large" in limited.stderr
+    assert f"parsl-chat run --resume {out}" in limited.stderr
+    recorded = _recorded(out)
+    assert 0 < len(recorded) < 3000 and len(recorded) == len(set(recorded))
+    resumed = run_cli("run", "--resume", str(out), "--no-parsl", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 3000 and df.custom_id.is_unique
