@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .agents import ERROR_TYPES
 from .errors import UsageError
 
 __all__ = [
@@ -80,18 +81,6 @@ RESULT_COLUMNS: dict[str, str] = {
     "response": "str",
 }
 
-ERROR_TYPES = (
-    "rate_limit",
-    "server_error",
-    "timeout",
-    "connection",
-    "bad_request",
-    "context_length",
-    "auth",
-    "invalid_input",
-    "interrupted",
-    "other",
-)
 
 #: Run statuses whose results may be incomplete.
 PARTIAL_STATUSES = ("running", "interrupted", "failed")

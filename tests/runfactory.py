@@ -17,38 +17,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from parsl_chat.results import SCHEMA
+
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 
+# the writer's own schema: the analysis must read exactly what runs write
 TS = pa.timestamp("us", tz="UTC")
-SCHEMA = pa.schema(
-    [
-        ("custom_id", pa.string()),
-        ("line", pa.int64()),
-        ("agent", pa.string()),
-        ("model", pa.string()),
-        ("endpoint", pa.string()),
-        ("hostname", pa.string()),
-        ("node", pa.string()),
-        ("worker", pa.string()),
-        ("block", pa.string()),
-        ("job_id", pa.string()),
-        ("conversation", pa.string()),
-        ("turn", pa.int64()),
-        ("status", pa.string()),
-        ("error_type", pa.string()),
-        ("error", pa.string()),
-        ("attempts", pa.int64()),
-        ("submitted_at", TS),
-        ("started_at", TS),
-        ("finished_at", TS),
-        ("queue_s", pa.float64()),
-        ("latency_s", pa.float64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("finish_reason", pa.string()),
-        ("response", pa.string()),
-    ]
-)
 COLUMNS = SCHEMA.names
 
 
