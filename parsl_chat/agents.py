@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 
 from .config import AgentConfig, RunConfig, Secret, Settings
@@ -206,7 +207,64 @@ def build_body(agent: AgentSpec, messages: list[dict[str, Any]], model: str | No
     return body
 
 
-async def _attempt(client: httpx.AsyncClient, agent: AgentSpec, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def _retry_after_value(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _error_text(status: int, text: str, agent: AgentSpec) -> str:
+    try:
+        data = json.loads(text)
+        message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
+        if message:
+            return f"HTTP {status}: {_scrub(str(message), agent)[:300]}"
+    except (ValueError, AttributeError):
+        pass
+    return f"HTTP {status}: {_scrub(text, agent)[:300]}"
+
+
+async def _attempt_aiohttp(
+    session: aiohttp.ClientSession, agent: AgentSpec, body: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
+    """One attempt over aiohttp: its pool costs O(1) per request (httpx's scans every connection)."""
+    url = f"{agent.endpoint}/chat/completions"
+    try:
+        async with session.post(
+            url, data=json.dumps(body), headers=_headers(agent), timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as response:
+            status = response.status
+            text = await response.text()
+            retry_after = response.headers.get("retry-after")
+    except TimeoutError:
+        raise RequestFailure("timeout", f"no answer within {timeout_s:g} s") from None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        raise RequestFailure("connection", f"{type(exc).__name__}: {exc or 'connection closed'}") from None
+    except aiohttp.ClientError as exc:
+        raise RequestFailure("other", f"{type(exc).__name__}: {exc}") from None
+    if status != 200:
+        raise RequestFailure(classify_status(status, text), _error_text(status, text, agent), _retry_after_value(retry_after))
+    try:
+        data = json.loads(text)
+        choice = data["choices"][0]
+        return {
+            "response": choice["message"].get("content") or "",
+            "finish_reason": choice.get("finish_reason"),
+            "prompt_tokens": (data.get("usage") or {}).get("prompt_tokens"),
+            "completion_tokens": (data.get("usage") or {}).get("completion_tokens"),
+            "model": data.get("model") or body["model"],
+        }
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise RequestFailure("server_error", f"malformed response: {_scrub(text, agent)[:200]}") from None
+
+
+async def _attempt(client: Any, agent: AgentSpec, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    if isinstance(client, aiohttp.ClientSession):
+        return await _attempt_aiohttp(client, agent, body, timeout_s)
     url = f"{agent.endpoint}/chat/completions"
     try:
         response = await asyncio.wait_for(
@@ -246,7 +304,7 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, retry_after_s: floa
 
 
 async def chat_completion(
-    client: httpx.AsyncClient,
+    client: Any,
     agent: AgentSpec,
     messages: list[dict[str, Any]],
     *,

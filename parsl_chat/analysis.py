@@ -91,7 +91,11 @@ SUMMARY_SCHEMA = 1
 # --------------------------------------------------------------------------- loading
 
 
-def load_run(path: str | Path) -> pd.DataFrame:
+#: what :func:`summarize` reads: every result column but the answers' text and a few labels it never looks at
+SUMMARY_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("response", "endpoint", "finish_reason", "conversation", "turn"))
+
+
+def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read a run directory into a frame with one row per prompt.
 
     Rows come from ``results.parquet``; a run that crashed or was interrupted
@@ -118,7 +122,7 @@ def load_run(path: str | Path) -> pd.DataFrame:
         )
     notes: list[str] = []
     run = _read_run_json(meta, notes)
-    df, source = _read_rows(parquet, ledger, notes)
+    df, source = _read_rows(parquet, ledger, notes, columns)
     df = normalize(df)
     df.attrs["run"] = run
     df.attrs["run_dir"] = str(run_dir)
@@ -142,9 +146,16 @@ def _read_run_json(meta: Path, notes: list[str]) -> dict[str, Any]:
     return data
 
 
-def _read_rows(parquet: Path, ledger: Path, notes: list[str]) -> tuple[pd.DataFrame, str]:
+def _read_rows(
+    parquet: Path, ledger: Path, notes: list[str], columns: Sequence[str] | None = None
+) -> tuple[pd.DataFrame, str]:
     if parquet.exists():
         try:
+            if columns is not None:
+                import pyarrow.parquet as pq
+
+                present = set(pq.read_schema(parquet).names)
+                return pd.read_parquet(parquet, columns=[c for c in columns if c in present]), "results.parquet"
             return pd.read_parquet(parquet), "results.parquet"
         except Exception as exc:  # pyarrow raises many types for a damaged file
             if not ledger.exists():

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 from .agents import AgentSpec, Outcome, RequestFailure, chat_completion
 from .config import LimitsConfig
@@ -97,13 +97,14 @@ class _WorkerState:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="parsl-chat-loop", daemon=True)
         self.thread.start()
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.limits: dict[tuple[str, str], AgentLimits] = {}
 
-    def get_client(self) -> httpx.AsyncClient:
+    def get_client(self) -> aiohttp.ClientSession:
+        """Called on the loop thread (a session binds to its loop)."""
         if self.client is None:
-            self.client = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256), timeout=None
+            self.client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), timeout=aiohttp.ClientTimeout(total=None)
             )
         return self.client
 
@@ -137,6 +138,17 @@ def warm_worker() -> int:
     """A no-op task that makes a worker import this module and start its loop (warm start)."""
     _state()
     return os.getpid()
+
+
+def close_client() -> None:
+    """Close this process's HTTP session (in-process backend shutdown): no 'Unclosed client session' noise."""
+    state = _STATE
+    if state is not None and state.client is not None and state.thread.is_alive():
+        client, state.client = state.client, None
+        try:
+            asyncio.run_coroutine_threadsafe(client.close(), state.loop).result(timeout=5)
+        except Exception:
+            pass
 
 
 def run_chunk(task: ChunkTask) -> list[dict[str, Any]]:
@@ -196,7 +208,7 @@ async def _run_item(
     idx: int,
     agent: AgentSpec,
     lim: AgentLimits,
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     task: ChunkTask,
     place: dict[str, str | None],
     rows: list[dict[str, Any]],
@@ -332,6 +344,7 @@ class InProcessBackend:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+            close_client()
             self._ended = time.time()
 
     def blocks(self) -> list[dict[str, Any]]:

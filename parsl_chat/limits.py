@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 __all__ = ["AgentLimits", "SharedTokenBucket", "TokenBucket"]
@@ -161,7 +162,7 @@ class AgentLimits:
         if error_type in _THROTTLE:
             self.window = max(1.0, self.window / 2)
 
-    async def wait_for_server_queue(self, client: httpx.AsyncClient, agent: Any) -> None:
+    async def wait_for_server_queue(self, client: Any, agent: Any) -> None:
         """least_loaded: hold back while this agent's server reports a queue of its own.
 
         Servers without ``/metrics`` (or with it disabled) are treated as having no queue.
@@ -177,21 +178,31 @@ class AgentLimits:
 _NO_METRICS: set[str] = set()
 
 
-async def _server_waiting(client: httpx.AsyncClient, endpoint: str) -> int:
+async def _metrics_text(client: Any, url: str) -> str | None:
+    if isinstance(client, aiohttp.ClientSession):
+        try:
+            async with client.get(url, timeout=aiohttp.ClientTimeout(total=0.5)) as resp:
+                return await resp.text() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+    try:
+        response = await client.get(url, timeout=0.5)
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+async def _server_waiting(client: Any, endpoint: str) -> int:
     """Requests waiting in the server's own queue, from Prometheus metrics (llama.cpp, vLLM)."""
     base = endpoint[: -len("/v1")] if endpoint.endswith("/v1") else endpoint
     if base in _NO_METRICS:
         return 0
-    try:
-        response = await client.get(f"{base}/metrics", timeout=0.5)
-    except httpx.HTTPError:
-        _NO_METRICS.add(base)
-        return 0
-    if response.status_code != 200:
+    text = await _metrics_text(client, f"{base}/metrics")
+    if text is None:
         _NO_METRICS.add(base)
         return 0
     waiting = 0.0
-    for line in response.text.splitlines():
+    for line in text.splitlines():
         if line.startswith(("llamacpp:requests_deferred", "vllm:num_requests_waiting")):
             try:
                 waiting += float(line.rsplit(" ", 1)[1])

@@ -259,6 +259,11 @@ class ParslBackend:
         except Exception as exc:  # Parsl raises many types here; all mean "could not start"
             raise ExecutorError(f"could not start the Parsl executor ({self.profile.executor}): {exc}") from exc
         self._app = python_app(run_chunk, executors=[config.executors[0].label], data_flow_kernel=self._dfk)
+        # the first scaling tick comes one strategy period after the executor was added: launch the
+        # initial blocks now instead (saves up to strategy_period_s before the first worker starts)
+        poller = getattr(self._dfk, "job_status_poller", None)
+        if poller is not None:
+            poller.make_callback()
 
     @property
     def executor(self) -> Any:

@@ -582,29 +582,24 @@ def _run(
     try:
         count = write_results(run_dir)
         meta["finished_at"] = iso(time.time())
-        summary = _write_summary(run_dir, meta)
+        failed = _failed_count(run_dir)
+        prompts = scanned.valid + len(skipped)
+        max_count, max_share = parse_max_failures(settings.run.max_failures)
+        allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
+        meta["status"] = "interrupted" if stop else "failed" if failed > allowed else "complete"
+        summary = _write_summary(run_dir, meta)  # once, with the final status: it reads every row
     except OSError as exc:
         raise RunInterrupted(
             f"cannot write the results in {run_dir}: {exc.strerror} ({stop.reason or 'after the last prompt'}); "
             "every answer recorded so far is in ledger.jsonl",
             hint=f"free space (or raise the quota), then finish with: parsl-chat run --resume {run_dir}",
         ) from None
-    failed = int(summary.get("counts", {}).get("error", 0))
-    prompts = scanned.valid + len(skipped)
     if stop:
-        meta["status"] = "interrupted"
-        _write_meta(run_dir, meta)
-        _write_summary(run_dir, meta)
         resume = f"parsl-chat run --resume {run_dir}"
         raise RunInterrupted(
             f"run stopped ({stop.reason}) with {count} of {prompts} prompts recorded in {run_dir}",
             hint=f"finish it with: {resume}",
         )
-    max_count, max_share = parse_max_failures(settings.run.max_failures)
-    allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
-    meta["status"] = "failed" if failed > allowed else "complete"
-    _write_meta(run_dir, meta)
-    summary = _write_summary(run_dir, meta)
     message = f"{count} prompts, {count - failed} ok, {failed} failed; results in {run_dir}"
     if failed > allowed:
         by_type = summary.get("counts", {}).get("errors_by_type", {})
@@ -638,11 +633,20 @@ def _clean_previous_driver(previous: dict[str, Any], console: Console) -> None:
             console.print(f"cancelled {len(cancelled)} SLURM job(s) left by the previous driver: {', '.join(cancelled)}")
 
 
+def _failed_count(run_dir: Path) -> int:
+    """Rows not ok in results.parquet, read from its one 'status' column."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(run_dir / "results.parquet", columns=["status"])["status"]
+    return len(status) - int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+
+
 def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    from .analysis import load_run, summarize
+    from .analysis import SUMMARY_COLUMNS, load_run, summarize
 
     _write_meta(run_dir, meta)
-    summary = summarize(load_run(run_dir))
+    summary = summarize(load_run(run_dir, columns=SUMMARY_COLUMNS))
     tmp = run_dir / ".summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, run_dir / "summary.json")
