@@ -161,31 +161,6 @@ def classify_status(status: int, body: str) -> str:
     return "other"
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date: rare from LLM servers, fall back to backoff
-    if not math.isfinite(seconds):
-        return None  # "inf" / "nan" would sleep forever or not at all
-    return max(0.0, seconds)
-
-
-def _error_message(response: httpx.Response, agent: AgentSpec) -> str:
-    # scrub before truncating: a key cut in half by the truncation would escape _scrub
-    try:
-        data = response.json()
-        message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
-        if message:
-            return f"HTTP {response.status_code}: {_scrub(str(message), agent)[:300]}"
-    except (ValueError, AttributeError):
-        pass
-    return f"HTTP {response.status_code}: {_scrub(response.text, agent)[:300]}"
-
-
 def _headers(agent: AgentSpec) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if agent.api_key is not None and agent.api_key.reveal():
@@ -207,7 +182,8 @@ def build_body(agent: AgentSpec, messages: list[dict[str, Any]], model: str | No
     return body
 
 
-def _retry_after_value(value: str | None) -> float | None:
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header; None for an HTTP date (rare from LLM servers) or inf/nan."""
     if value is None:
         return None
     try:
@@ -218,6 +194,7 @@ def _retry_after_value(value: str | None) -> float | None:
 
 
 def _error_text(status: int, text: str, agent: AgentSpec) -> str:
+    # scrub before truncating: a key cut in half by the truncation would escape _scrub
     try:
         data = json.loads(text)
         message = data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
@@ -228,26 +205,48 @@ def _error_text(status: int, text: str, agent: AgentSpec) -> str:
     return f"HTTP {status}: {_scrub(text, agent)[:300]}"
 
 
-async def _attempt_aiohttp(
-    session: aiohttp.ClientSession, agent: AgentSpec, body: dict[str, Any], timeout_s: float
-) -> dict[str, Any]:
-    """One attempt over aiohttp: its pool costs O(1) per request (httpx's scans every connection)."""
-    url = f"{agent.endpoint}/chat/completions"
+Answer = tuple[int, str, "str | None"]  # status, body text, Retry-After header
+
+
+async def _post_aiohttp(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], agent: AgentSpec, timeout_s: float
+) -> Answer:
+    """Workers' transport: aiohttp's pool costs O(1) per request (httpx's scans every connection)."""
     try:
         async with session.post(
             url, data=json.dumps(body), headers=_headers(agent), timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as response:
-            status = response.status
-            text = await response.text()
-            retry_after = response.headers.get("retry-after")
+            return response.status, await response.text(), response.headers.get("retry-after")
     except TimeoutError:
         raise RequestFailure("timeout", f"no answer within {timeout_s:g} s") from None
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
         raise RequestFailure("connection", f"{type(exc).__name__}: {exc or 'connection closed'}") from None
     except aiohttp.ClientError as exc:
         raise RequestFailure("other", f"{type(exc).__name__}: {exc}") from None
+
+
+async def _post_httpx(client: httpx.AsyncClient, url: str, body: dict[str, Any], agent: AgentSpec, timeout_s: float) -> Answer:
+    """Interactive chat's and tests' transport (httpx.MockTransport)."""
+    try:
+        response = await asyncio.wait_for(
+            client.post(url, content=json.dumps(body), headers=_headers(agent), timeout=timeout_s),
+            timeout=timeout_s + 1.0,  # a server that trickles bytes still ends in time
+        )
+    except (TimeoutError, httpx.TimeoutException):
+        raise RequestFailure("timeout", f"no answer within {timeout_s:g} s") from None
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.NetworkError) as exc:
+        raise RequestFailure("connection", f"{type(exc).__name__}: {exc or 'connection closed'}") from None
+    except httpx.HTTPError as exc:
+        raise RequestFailure("other", f"{type(exc).__name__}: {exc}") from None
+    return response.status_code, response.text, response.headers.get("retry-after")
+
+
+async def _attempt(client: Any, agent: AgentSpec, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    url = f"{agent.endpoint}/chat/completions"
+    post = _post_aiohttp if isinstance(client, aiohttp.ClientSession) else _post_httpx
+    status, text, retry_after = await post(client, url, body, agent, timeout_s)
     if status != 200:
-        raise RequestFailure(classify_status(status, text), _error_text(status, text, agent), _retry_after_value(retry_after))
+        raise RequestFailure(classify_status(status, text), _error_text(status, text, agent), _retry_after(retry_after))
     try:
         data = json.loads(text)
         choice = data["choices"][0]
@@ -260,39 +259,6 @@ async def _attempt_aiohttp(
         }
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise RequestFailure("server_error", f"malformed response: {_scrub(text, agent)[:200]}") from None
-
-
-async def _attempt(client: Any, agent: AgentSpec, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    if isinstance(client, aiohttp.ClientSession):
-        return await _attempt_aiohttp(client, agent, body, timeout_s)
-    url = f"{agent.endpoint}/chat/completions"
-    try:
-        response = await asyncio.wait_for(
-            client.post(url, content=json.dumps(body), headers=_headers(agent), timeout=timeout_s),
-            timeout=timeout_s + 1.0,  # a server that trickles bytes still ends in time
-        )
-    except (TimeoutError, httpx.TimeoutException):
-        raise RequestFailure("timeout", f"no answer within {timeout_s:g} s") from None
-    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.NetworkError) as exc:
-        raise RequestFailure("connection", f"{type(exc).__name__}: {exc or 'connection closed'}") from None
-    except httpx.HTTPError as exc:
-        raise RequestFailure("other", f"{type(exc).__name__}: {exc}") from None
-    if response.status_code != 200:
-        raise RequestFailure(
-            classify_status(response.status_code, response.text), _error_message(response, agent), _retry_after(response)
-        )
-    try:
-        data = response.json()
-        choice = data["choices"][0]
-        return {
-            "response": choice["message"].get("content") or "",
-            "finish_reason": choice.get("finish_reason"),
-            "prompt_tokens": (data.get("usage") or {}).get("prompt_tokens"),
-            "completion_tokens": (data.get("usage") or {}).get("completion_tokens"),
-            "model": data.get("model") or body["model"],
-        }
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        raise RequestFailure("server_error", f"malformed response: {_scrub(response.text, agent)[:200]}") from None
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, retry_after_s: float | None) -> float:
