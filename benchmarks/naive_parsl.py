@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         out.close()
     dfk.cleanup()
     parsl.clear()
+    shutil.rmtree(run_dir, ignore_errors=True)
     done = ok + error
     print(
         json.dumps(

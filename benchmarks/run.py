@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in only if s not in SUITES]
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    own_work = args.work is None
     work = args.work or Path(tempfile.mkdtemp(prefix="parsl-chat-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     ctx = Context(
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     (ctx.results_dir / "status.json").write_text(
         json.dumps({"mode": "quick" if args.quick else "full", **status}, indent=2) + "\n"
     )
+    if own_work and not args.keep_runs:
+        shutil.rmtree(work, ignore_errors=True)  # prompts files of up to a million lines
     failed = [n for n, s in status.items() if s["status"] != "ok"]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
