@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import faulthandler
 import http.client
 import json
 import os
@@ -604,6 +605,17 @@ def _plan_argv(plan: FaultPlan) -> list[str]:
     return argv
 
 
+def _process_state(pid: int) -> str:
+    """The kernel's view of a process (``State`` and where it sleeps), for a start-up that hangs."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "-"
+    except OSError:
+        return "state unknown"
+    state = next((line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("State:")), "?")
+    return f"state {state}, waiting in {wchan}"
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -645,6 +657,7 @@ class SimulatedServer:
         self._stderr: IO[bytes] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._final_log: list[dict[str, Any]] | None = None
+        self._health_error = "not asked yet"
 
     @property
     def url(self) -> str:
@@ -697,11 +710,11 @@ class SimulatedServer:
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             while (url := self._ready_url()) is None:
-                self._check_alive_until(deadline)
+                self._check_alive_until(deadline, "it printed no ready line")
                 time.sleep(0.02)
             self._url = url
             while not self._healthy():
-                self._check_alive_until(deadline)
+                self._check_alive_until(deadline, f"{self.root_url}/health did not answer ok ({self._health_error})")
                 time.sleep(0.05)
         except BaseException:
             self.stop()
@@ -718,11 +731,14 @@ class SimulatedServer:
 
     def _healthy(self) -> bool:
         try:
-            return json.loads(_http_get(self.root_url + "/health", 2.0)).get("status") == "ok"
-        except (OSError, http.client.HTTPException, ValueError):
+            answer = json.loads(_http_get(self.root_url + "/health", 2.0))
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self._health_error = f"{type(exc).__name__}: {exc}"
             return False
+        self._health_error = f"answered {answer!r}"
+        return isinstance(answer, dict) and answer.get("status") == "ok"
 
-    def _check_alive_until(self, deadline: float) -> None:
+    def _check_alive_until(self, deadline: float, waiting_for: str) -> None:
         assert self._proc is not None
         code = self._proc.poll()
         if code is not None:
@@ -731,8 +747,13 @@ class SimulatedServer:
                 hint="check the FaultPlan and the host/port",
             )
         if time.monotonic() > deadline:
+            state = _process_state(self._proc.pid)
+            # The child dumps its Python stacks on SIGUSR1 (faulthandler): show where it is stuck.
+            self._proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
             raise ServerError(
-                f"the simulated server was not ready after {self.startup_timeout_s:g} s{self._stderr_tail()}"
+                f"the simulated server (pid {self._proc.pid}, {state}) was not ready after "
+                f"{self.startup_timeout_s:g} s: {waiting_for}{self._stderr_tail(6000)}"
             )
 
     def _stderr_tail(self, max_chars: int = 2000) -> str:
@@ -835,6 +856,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = FaultPlan(**{k: v for k, v in vars(args).items() if k in fields})
     except ValueError as exc:
         parser.error(str(exc))
+
+    if hasattr(signal, "SIGUSR1"):  # SimulatedServer asks for the stacks of a child that never gets ready
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def ready(url: str) -> None:
         print(READY_PREFIX + url, flush=True)

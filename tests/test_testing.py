@@ -439,6 +439,19 @@ def test_simulated_server_bad_port_raises_server_error() -> None:
     server.stop()  # harmless after a failed start
 
 
+def test_simulated_server_that_hangs_at_start_up_reports_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child that never gets ready: the error names the phase, the kernel state and the child's Python stack.
+    child = "import faulthandler, signal, time; faulthandler.register(signal.SIGUSR1, all_threads=True); time.sleep(60)"
+    monkeypatch.setattr(SimulatedServer, "argv", lambda self: [sys.executable, "-c", child])
+    server = SimulatedServer(startup_timeout_s=1)
+    with pytest.raises(ServerError) as caught:
+        server.start()
+    message = str(caught.value)
+    assert "was not ready after 1 s: it printed no ready line" in message
+    assert re.search(r"pid \d+, state S", message), message
+    assert "most recent call first" in message and 'File "<string>", line 1' in message, message
+
+
 def test_run_server_taken_port_is_a_server_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
