@@ -40,6 +40,7 @@ from .errors import UsageError
 
 __all__ = [
     "ERROR_TYPES",
+    "LABEL_COLUMNS",
     "RESULT_COLUMNS",
     "busy_union_s",
     "compare",
@@ -91,8 +92,14 @@ SUMMARY_SCHEMA = 1
 # --------------------------------------------------------------------------- loading
 
 
-#: what :func:`summarize` reads: every result column but the answers' text and a few labels it never looks at
-SUMMARY_COLUMNS = tuple(c for c in RESULT_COLUMNS if c not in ("response", "endpoint", "finish_reason", "conversation", "turn"))
+#: what :func:`summarize` reads: every result column but the answers' text and a few it never looks at
+SUMMARY_COLUMNS = tuple(
+    c for c in RESULT_COLUMNS if c not in ("response", "endpoint", "finish_reason", "conversation", "turn", "line")
+)
+#: unique strings per row: :func:`summarize_run` reads them only where summarize shows them
+_SPARSE_COLUMNS = ("custom_id", "error")
+#: columns with few distinct values: :func:`summarize_run` holds them as categories (a byte or two per row)
+LABEL_COLUMNS = ("agent", "model", "hostname", "node", "worker", "block", "job_id", "status", "error_type")
 
 
 def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -224,8 +231,10 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     """
     out = pd.DataFrame(index=pd.RangeIndex(len(df)))
     for column, dtype in RESULT_COLUMNS.items():
-        values = df[column].reset_index(drop=True) if column in df.columns else pd.Series([None] * len(df), dtype=object)
-        out[column] = _coerce(values, dtype)
+        if column in df.columns:
+            out[column] = _coerce(df[column].reset_index(drop=True), dtype)
+        else:  # all missing, made in its own dtype (no million-None detour)
+            out[column] = pd.Series(index=out.index, dtype=dtype)
     for column in df.columns:
         if column not in RESULT_COLUMNS:
             out[column] = df[column].reset_index(drop=True)
@@ -233,11 +242,16 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _is_normal(df: pd.DataFrame) -> bool:
-    """Whether ``df`` already has the SPEC columns first, in order, with :func:`normalize`'s dtypes."""
-    if list(df.columns[: len(RESULT_COLUMNS)]) != list(RESULT_COLUMNS):
-        return False
-    return all(str(df[column].dtype) == dtype for column, dtype in RESULT_COLUMNS.items())
+def _is_normal(df: pd.DataFrame, columns: Iterable[str] = RESULT_COLUMNS) -> bool:
+    """Whether ``df`` has ``columns`` with :func:`normalize`'s dtypes (strings may be categories)."""
+    for column in columns:
+        dtype = RESULT_COLUMNS[column]
+        if column not in df.columns:
+            return False
+        actual = df[column].dtype
+        if str(actual) != dtype and not (dtype == "str" and isinstance(actual, pd.CategoricalDtype)):
+            return False
+    return True
 
 
 def _coerce(values: pd.Series, dtype: str) -> pd.Series:
@@ -253,6 +267,8 @@ def _coerce(values: pd.Series, dtype: str) -> pd.Series:
         return pd.to_numeric(values, errors="coerce").round().astype("Int64")
     if dtype == "float64":
         return pd.to_numeric(values, errors="coerce").astype("float64")
+    if isinstance(values.dtype, pd.CategoricalDtype) and all(isinstance(c, str) for c in values.cat.categories):
+        return values  # strings already, held as categories (see summarize_run)
     return values.astype("str")
 
 
@@ -297,8 +313,17 @@ def _parse_time(value: Any) -> pd.Timestamp | None:
 
 def seconds_since(series: pd.Series, origin: pd.Timestamp) -> np.ndarray:
     """Seconds from ``origin`` to each timestamp of ``series`` (NaN where missing)."""
-    delta = series - origin
-    return np.asarray(delta.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan))
+    dtype = series.dtype
+    unit = dtype.unit if isinstance(dtype, pd.DatetimeTZDtype) else None
+    if unit is None or pd.Timestamp(origin).tzinfo is None:
+        delta = series - origin
+        return np.asarray(delta.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan))
+    # straight from the integer ticks: no timedelta and float Series in between (a million rows, ~40 MB)
+    ticks = series.array.asi8
+    per_second = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[unit]
+    out = (ticks - pd.Timestamp(origin).as_unit(unit).value) / per_second
+    out[ticks == np.iinfo(np.int64).min] = np.nan
+    return out
 
 
 def _epoch_s(series: pd.Series) -> np.ndarray:
@@ -318,9 +343,15 @@ def busy_union_s(starts: np.ndarray, ends: np.ndarray) -> float:
     which at least one request was in flight. Intervals with a missing bound
     or ``end < start`` are ignored.
     """
+    seg_start, seg_end = _merged(starts, ends)
+    return float(np.sum(seg_end - seg_start))
+
+
+def _merged(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of the intervals as disjoint segments ``(starts, ends)``, in order."""
     ok = ~(np.isnan(starts) | np.isnan(ends)) & (ends >= starts)
     if not ok.any():
-        return 0.0
+        return np.zeros(0), np.zeros(0)
     order = np.argsort(starts[ok], kind="stable")
     s, e = starts[ok][order], ends[ok][order]
     reach = np.maximum.accumulate(e)
@@ -332,7 +363,7 @@ def busy_union_s(starts: np.ndarray, ends: np.ndarray) -> float:
     seg_start = s[new]
     seg_end = np.zeros(seg_start.size)
     np.maximum.at(seg_end, seg, e)
-    return float(np.sum(seg_end - seg_start))
+    return seg_start, seg_end
 
 
 def _run(df: pd.DataFrame) -> dict[str, Any]:
@@ -340,14 +371,42 @@ def _run(df: pd.DataFrame) -> dict[str, Any]:
     return run if isinstance(run, dict) else {}
 
 
+def _label(series: pd.Series, missing: str) -> pd.Series:
+    """``series`` as categories with ``missing`` for missing values: grouping by it costs a code per row."""
+    cat = series if isinstance(series.dtype, pd.CategoricalDtype) else series.astype("category")
+    if cat.isna().any():
+        if missing not in cat.cat.categories:
+            cat = cat.cat.add_categories([missing])
+        cat = cat.fillna(missing)
+    return cat
+
+
 def _place(df: pd.DataFrame) -> pd.Series:
-    """Where each request ran: the scheduler node, else the hostname, else ``"unknown"``."""
-    return df["node"].fillna(df["hostname"]).fillna("unknown").astype("str")
+    """Where each request ran: the scheduler node, else the hostname, else ``"unknown"`` (as categories)."""
+    node, host = _label(df["node"], "unknown"), df["hostname"]
+    if not df["node"].isna().any():
+        return node
+    host = host if isinstance(host.dtype, pd.CategoricalDtype) else host.astype("category")
+    both = node.cat.categories.union(host.cat.categories)
+    node_codes = node.cat.set_categories(both).cat.codes.to_numpy()
+    host_codes = host.cat.set_categories(both).cat.codes.to_numpy()
+    unknown = list(both).index("unknown") if "unknown" in both else -1
+    # the node, else the host, else "unknown" (the node's own fill value)
+    missing_node = df["node"].isna().to_numpy()
+    codes = np.where(missing_node & (host_codes >= 0), host_codes, np.where(missing_node, unknown, node_codes))
+    return pd.Series(pd.Categorical.from_codes(codes, categories=both), index=df.index)
+
+
+_PLACE_COLUMNS = ("node", "hostname", "worker", "status", "latency_s", "completion_tokens", "started_at", "finished_at")
 
 
 def _ran(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows that reached a worker: they started, or name a node or host (not e.g. ``invalid_input`` rows)."""
-    return df[df["started_at"].notna() | df["node"].notna() | df["hostname"].notna()]
+    """Rows that reached a worker: they started, or name a node or host (not e.g. ``invalid_input`` rows).
+
+    Only the columns the per-node and per-worker tables read, and no copy when every row ran.
+    """
+    ran = df["started_at"].notna() | df["node"].notna() | df["hostname"].notna()
+    return df if ran.all() else df.loc[ran, list(_PLACE_COLUMNS)]
 
 
 def _ok(df: pd.DataFrame) -> pd.Series:
@@ -398,7 +457,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     blocks), ``cost`` (:func:`_cost`, ``None`` without prices), ``errors`` and
     ``slowest``.
     """
-    if not _is_normal(df):
+    if not _is_normal(df, SUMMARY_COLUMNS):
         df = normalize(df)
     run = _run(df)
     wall = wall_clock(df)
@@ -429,8 +488,107 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
 
 
 def summarize_run(path: str | Path) -> dict[str, Any]:
-    """``summarize(load_run(path))``."""
-    return summarize(load_run(path))
+    """``summarize(load_run(path))``, with memory to spare for a million rows.
+
+    ``results.parquet`` is streamed in batches into a compact frame: only the
+    columns :func:`summarize` reads, label columns as categories. The numbers
+    are the same as from :func:`load_run` (tests compare both).
+    """
+    run_dir = Path(path)
+    parquet = run_dir / "results.parquet"
+    try:
+        df = _read_compact(parquet) if parquet.exists() else None
+    except Exception:  # pyarrow raises many types for a damaged file: load_run says what it can
+        df = None
+    if df is None:
+        return summarize(load_run(run_dir, columns=SUMMARY_COLUMNS))
+    notes: list[str] = []
+    df.attrs.update(run=_read_run_json(run_dir / "run.json", notes), run_dir=str(run_dir), source="results.parquet", notes=notes)
+    return summarize(df)
+
+
+def _read_compact(parquet: Path) -> pd.DataFrame:
+    """The :data:`SUMMARY_COLUMNS` of ``parquet``; :data:`LABEL_COLUMNS` as categories.
+
+    One column at a time (Parquet is columnar), so Arrow's buffers for a
+    column are freed before the next is read instead of pinning its pool.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = set(pq.read_schema(parquet).names)
+    labels = [c for c in LABEL_COLUMNS if c in names]
+    file = pq.ParquetFile(parquet, read_dictionary=labels)
+    # pandas' own types directly: nullable integers and "str" strings, no object detour
+    mapping = {pa.int64(): pd.Int64Dtype(), pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}.get
+    rows = pd.RangeIndex(file.metadata.num_rows)
+    df = pd.DataFrame(index=rows)  # filled column by column: no consolidating copy of the whole frame
+    for name in SUMMARY_COLUMNS:
+        if name in _SPARSE_COLUMNS:
+            nothing = pd.CategoricalDtype(pd.Index([], dtype="str"))
+            df[name] = pd.Categorical.from_codes(np.full(len(rows), -1, dtype=np.int8), dtype=nothing)
+        elif name not in names:  # a file from an older version: the column is all missing
+            df[name] = pd.Series(index=rows, dtype=RESULT_COLUMNS[name])
+        else:
+            # one thread, and the column's Arrow memory handed back before the next: no pool growth
+            column = file.read(columns=[name], use_threads=False).column(0)
+            df[name] = column.to_pandas(types_mapper=None if name in labels else mapping)
+            del column
+            pa.default_memory_pool().release_unused()
+    # Unique strings, a million of them: read only the rows summarize shows (the slowest, one error per type).
+    if "custom_id" in names:
+        _fill_rows(df, file, "custom_id", np.flatnonzero(_slowest_candidates(df["latency_s"]).to_numpy()))
+    if "error" in names:
+        _fill_first_errors(df, file)
+    if not _is_normal(df, SUMMARY_COLUMNS):  # e.g. a column written with another type: the general path
+        df = normalize(df)
+    return df
+
+
+def _row_groups(file: Any) -> list[tuple[int, int]]:
+    """``(first row, row count)`` of each row group of a Parquet file."""
+    groups, first = [], 0
+    for i in range(file.metadata.num_row_groups):
+        count = file.metadata.row_group(i).num_rows
+        groups.append((first, count))
+        first += count
+    return groups
+
+
+def _fill_rows(df: pd.DataFrame, file: Any, name: str, positions: np.ndarray) -> None:
+    """Set ``df[name]`` at ``positions`` (sorted) from the file, reading only the row groups that hold them."""
+    values: list[Any] = []
+    for i, (first, count) in enumerate(_row_groups(file)):
+        lo, hi = np.searchsorted(positions, [first, first + count])
+        if hi > lo:
+            column = file.read_row_group(i, columns=[name]).column(0)
+            values += column.take(positions[lo:hi] - first).to_pylist()
+    if len(positions):
+        # held as categories: a byte per row plus the few strings read
+        kinds = pd.CategoricalDtype(pd.Index(pd.unique(pd.Series(values, dtype="str").dropna())))
+        codes = np.full(len(df), -1, dtype=np.int32)
+        codes[positions] = pd.Categorical(values, dtype=kinds).codes
+        df[name] = pd.Categorical.from_codes(codes, dtype=kinds)
+
+
+def _fill_first_errors(df: pd.DataFrame, file: Any) -> None:
+    """Set ``df["error"]`` on the first failed row with a message of each ``error_type`` (what :func:`_errors` shows)."""
+    failed = (df["status"] != "ok").to_numpy()
+    if not failed.any():
+        return
+    kinds = _label(df["error_type"], "other").cat.codes.to_numpy()
+    seen: set[int] = set()
+    positions: list[int] = []
+    for i, (first, count) in enumerate(_row_groups(file)):
+        if not failed[first : first + count].any():
+            continue
+        has_message = file.read_row_group(i, columns=["error"]).column(0).is_valid().to_numpy(zero_copy_only=False)
+        for offset in np.flatnonzero(failed[first : first + count] & has_message):
+            kind = int(kinds[first + offset])
+            if kind not in seen:
+                seen.add(kind)
+                positions.append(first + int(offset))
+    _fill_rows(df, file, "error", np.array(positions, dtype=np.int64))
 
 
 def write_summary(path: str | Path) -> Path:
@@ -481,8 +639,8 @@ def _counts(df: pd.DataFrame) -> dict[str, Any]:
     ``error_type`` (missing type counted as ``other``); ``retried`` rows with
     ``attempts > 1``; ``not_started`` rows without ``started_at``."""
     ok = _ok(df)
-    errors = df.loc[~ok, "error_type"].fillna("other")
-    by_type = {str(k): int(v) for k, v in errors.value_counts().sort_index().items()}
+    errors = _label(df.loc[~ok, "error_type"], "other")
+    by_type = {str(k): int(v) for k, v in sorted(errors.value_counts().items(), key=lambda kv: str(kv[0])) if v}
     return {
         "prompts": len(df),
         "ok": int(ok.sum()),
@@ -567,28 +725,37 @@ def _efficiency(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) 
 
 
 def _group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict[str, Any]]:
-    """Per group of ``keys``: prompts, ok, error, busy_s (sum of latency_s), completion_tokens."""
-    frame = pd.DataFrame(
-        {
-            **{name: series.astype("str").to_numpy() for name, series in keys.items()},
-            "ok": _ok(df).astype(int).to_numpy(),
-            "busy_s": df["latency_s"].fillna(0.0).to_numpy(),
-            "completion_tokens": df["completion_tokens"].fillna(0).astype("int64").to_numpy(),
-            "one": 1,
-        }
+    """Per group of ``keys``: prompts, ok, error, busy_s (sum of latency_s), completion_tokens.
+
+    Sorted by the keys' text. Counted with numpy on category codes: a few arrays of a number per row.
+    """
+    labels = [_label(series, "unknown") for series in keys.values()]
+    group = np.zeros(len(df), dtype=np.int64)
+    for label in labels:
+        group = group * len(label.cat.categories) + label.cat.codes.to_numpy()
+    present, inverse = np.unique(group, return_inverse=True)
+    prompts = np.bincount(inverse, minlength=len(present))
+    ok = np.bincount(inverse, weights=_ok(df).to_numpy(dtype=float), minlength=len(present))
+    busy = np.bincount(inverse, weights=df["latency_s"].to_numpy(dtype=float, na_value=0.0), minlength=len(present))
+    tokens = np.bincount(
+        inverse, weights=df["completion_tokens"].to_numpy(dtype=float, na_value=0.0), minlength=len(present)
     )
-    table = (
-        frame.groupby(list(keys), sort=True)
-        .agg(
-            prompts=("one", "sum"),
-            ok=("ok", "sum"),
-            busy_s=("busy_s", "sum"),
-            completion_tokens=("completion_tokens", "sum"),
+    records = []
+    for i, code in enumerate(present.tolist()):
+        names: list[str] = []
+        for label in reversed(labels):
+            code, own = divmod(code, len(label.cat.categories))
+            names.append(str(label.cat.categories[own]))
+        record: dict[str, Any] = dict(zip(keys, reversed(names), strict=True))
+        record.update(
+            prompts=int(prompts[i]),
+            ok=int(ok[i]),
+            busy_s=float(busy[i]),
+            completion_tokens=int(tokens[i]),
+            error=int(prompts[i] - ok[i]),
         )
-        .reset_index()
-    )
-    table["error"] = table["prompts"] - table["ok"]
-    return [{str(k): v for k, v in record.items()} for record in table.to_dict("records")]
+        records.append(record)
+    return sorted(records, key=lambda r: tuple(r[name] for name in keys))
 
 
 def _agents(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> list[dict[str, Any]]:
@@ -598,7 +765,7 @@ def _agents(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> l
     of the agent's slots in use on average. Latency percentiles over its ok rows.
     """
     declared = {str(a.get("name")): a for a in (run.get("agents") or []) if isinstance(a, dict) and a.get("name")}
-    key = df["agent"].fillna("unknown").astype("str")
+    key = _label(df["agent"], "unknown")
     groups = {str(r["agent"]): r for r in _group_records(df, {"agent": key})}
     names = list(declared) + sorted(set(groups) - set(declared))
     empty = {"prompts": 0, "ok": 0, "error": 0, "busy_s": 0.0, "completion_tokens": 0}
@@ -633,18 +800,23 @@ def _agents(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> l
 
 
 def _union_by_group(keys: pd.Series, starts: np.ndarray, ends: np.ndarray) -> dict[str, float]:
-    """:func:`busy_union_s` for every group of ``keys`` at once (vectorised: one sort)."""
-    frame = pd.DataFrame({"key": keys.astype("str").to_numpy(), "s": starts, "e": ends})
-    frame = frame[frame["s"].notna() & frame["e"].notna() & (frame["e"] >= frame["s"])]
-    if frame.empty:
+    """:func:`busy_union_s` for every group of ``keys`` at once.
+
+    Each group's intervals are shifted into a time range of their own, so one
+    merge over all of them never joins two groups (numpy only: flat memory).
+    """
+    labels = _label(keys, "unknown")
+    codes = labels.cat.codes.to_numpy().astype(np.float64)
+    known = ~(np.isnan(starts) | np.isnan(ends)) & (ends >= starts)
+    if not known.any():
         return {}
-    frame = frame.sort_values(["key", "s"], kind="stable").reset_index(drop=True)
-    reach = frame.groupby("key", sort=False)["e"].cummax()
-    before = reach.groupby(frame["key"], sort=False).shift(1)
-    segment = (before.isna() | (frame["s"] > before)).cumsum()
-    merged = frame.groupby(segment, sort=False).agg(key=("key", "first"), s=("s", "min"), e=("e", "max"))
-    lengths = (merged["e"] - merged["s"]).groupby(merged["key"], sort=False).sum()
-    return {str(k): float(v) for k, v in lengths.items()}
+    origin = float(np.min(starts[known]))
+    width = float(np.max(ends[known])) - origin + 1.0
+    seg_start, seg_end = _merged(starts - origin + codes * width, ends - origin + codes * width)
+    group = np.floor(seg_start / width).astype(np.int64)
+    lengths = np.bincount(group, weights=seg_end - seg_start, minlength=len(labels.cat.categories))
+    seen = np.bincount(group, minlength=len(labels.cat.categories)) > 0
+    return {str(name): float(lengths[i]) for i, name in enumerate(labels.cat.categories) if seen[i]}
 
 
 def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
@@ -661,11 +833,16 @@ def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
     records = _group_records(df, {"node": place})
     total_busy = float(sum(r["busy_s"] for r in records))
     active = _union_by_group(place, _epoch_s(df["started_at"]), _epoch_s(df["finished_at"]))
+    host = df["hostname"] if isinstance(df["hostname"].dtype, pd.CategoricalDtype) else df["hostname"].astype("category")
+    host_codes = host.cat.codes.to_numpy().astype(np.int64)
+    has_host = host_codes >= 0
+    n_hosts = len(host.cat.categories)
+    pairs = np.unique(place.cat.codes.to_numpy()[has_host].astype(np.int64) * n_hosts + host_codes[has_host])
     hostnames: dict[str, set[str]] = {}
-    for node, host in zip(place.tolist(), df["hostname"].tolist(), strict=True):
-        if isinstance(host, str):
-            hostnames.setdefault(node, set()).add(host)
-    workers = {str(k): int(v) for k, v in df["worker"].groupby(place).nunique().items()}
+    for pair in pairs.tolist():
+        node_code, host_code = divmod(pair, n_hosts)
+        hostnames.setdefault(str(place.cat.categories[node_code]), set()).add(str(host.cat.categories[host_code]))
+    workers = {str(k): int(v) for k, v in df["worker"].groupby(place, observed=True).nunique().items()}
     out = []
     for row in records:
         name = str(row["node"])
@@ -705,7 +882,7 @@ def _workers(df: pd.DataFrame, wall_s: float | None, slots: float | None = None)
     ``workers``/``agent_slots`` in run.json, slots count as 1). Rows as in :func:`_nodes`."""
     df = _ran(df)
     place = _place(df)
-    worker = df["worker"].fillna("unknown").astype("str")
+    worker = _label(df["worker"], "unknown")
     out = []
     for row in _group_records(df, {"node": place, "worker": worker}):
         out.append(
@@ -877,8 +1054,8 @@ def _errors(df: pd.DataFrame) -> list[dict[str, Any]]:
     failed = df.loc[~_ok(df)]
     if failed.empty:
         return []
-    kinds = failed["error_type"].fillna("other").astype("str")
-    counts = sorted(kinds.value_counts().items(), key=lambda kv: (-int(kv[1]), str(kv[0])))
+    kinds = _label(failed["error_type"], "other")
+    counts = sorted(((k, v) for k, v in kinds.value_counts().items() if v), key=lambda kv: (-int(kv[1]), str(kv[0])))
     out = []
     for kind, count in counts:
         messages = failed.loc[kinds == kind, "error"].dropna()
@@ -887,10 +1064,18 @@ def _errors(df: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+def _slowest_candidates(latency: pd.Series, n: int = SLOWEST_N) -> pd.Series:
+    """Rows that can be among the ``n`` slowest: latency at least the n-th largest (ties all kept)."""
+    if latency.notna().sum() <= n:
+        return latency.notna()
+    return latency >= latency.nlargest(n).iloc[-1]
+
+
 def _slowest(df: pd.DataFrame, n: int = SLOWEST_N) -> list[dict[str, Any]]:
     """The ``n`` rows with the largest ``latency_s`` (ok or failed; ties by ``custom_id``)."""
-    rows = df.loc[df["latency_s"].notna(), ["custom_id", "agent", "status", "latency_s", "attempts"]].copy()
-    rows["node"] = _place(df)
+    rows = df.loc[_slowest_candidates(df["latency_s"], n), ["custom_id", "agent", "status", "latency_s", "attempts"]].copy()
+    rows["custom_id"] = rows["custom_id"].astype("str")  # ties sort by the id's text, not a category's position
+    rows["node"] = _place(df.loc[rows.index]).astype("str")
     rows = rows.sort_values(["latency_s", "custom_id"], ascending=[False, True], kind="stable").head(n)
     out = []
     for record in rows.to_dict("records"):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from .ledger import id_hash, read_ledger
@@ -58,40 +59,104 @@ COLUMNS = tuple(SCHEMA.names)
 BATCH_ROWS = 10_000
 
 
-def _winners(ledger_path: Path) -> np.ndarray:
-    """Positions (record numbers) of the last record of each id."""
-    hashes = np.fromiter((id_hash(r["custom_id"]) for r in read_ledger(ledger_path)), dtype=np.uint64)
+#: The ledger as Arrow's JSON reader parses it: timestamps stay ISO strings until cast.
+_LEDGER_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.type == _TS else f for f in SCHEMA])
+#: Bytes of JSON per Arrow block. Small: the streaming reader keeps many blocks in flight
+#: (measured: 1M rows peak at 114 MB RSS with 256 KiB, 613 MB with 16 MiB).
+_JSON_BLOCK_BYTES = 256 << 10
+
+
+def _last_positions(hashes: np.ndarray) -> np.ndarray:
+    """Positions of the last occurrence of each id hash, in ledger order."""
     if not len(hashes):
         return np.zeros(0, dtype=np.int64)
     # reverse so that np.unique's "first occurrence" is the last record
-    rev = hashes[::-1]
-    _, first = np.unique(rev, return_index=True)
+    _, first = np.unique(hashes[::-1], return_index=True)
     return np.sort(len(hashes) - 1 - first)
 
 
-def _batches(ledger_path: Path) -> Iterator[list[dict[str, Any]]]:
-    keep = _winners(ledger_path)
+def _python_batches(ledger_path: Path) -> Iterator[pa.RecordBatch]:
+    """The last record of each id, in ledger order; tolerant of torn and garbled lines."""
+    keep = _last_positions(
+        np.fromiter((id_hash(r["custom_id"]) for r in read_ledger(ledger_path)), dtype=np.uint64)
+    )
     pos = 0
-    batch: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
     for n, row in enumerate(read_ledger(ledger_path)):
         if pos < len(keep) and keep[pos] == n:
             pos += 1
-            batch.append(row)
-            if len(batch) >= BATCH_ROWS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+            rows.append(row)
+            if len(rows) >= BATCH_ROWS:
+                yield _to_batch(rows)
+                rows = []
+    if rows:
+        yield _to_batch(rows)
 
 
-def _to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    columns = []
-    for field in SCHEMA:
-        values = [row.get(field.name) for row in rows]
-        if field.type == _TS:
-            columns.append(pa.array(values, type=pa.string()).cast(_TS))
-        else:
-            columns.append(pa.array(values, type=field.type))
+def _to_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([{k: row.get(k) for k in _LEDGER_SCHEMA.names} for row in rows], schema=_LEDGER_SCHEMA)
+
+
+def _arrow_reader(ledger_path: Path) -> Iterator[pa.RecordBatch]:
+    reader = pajson.open_json(
+        ledger_path,
+        read_options=pajson.ReadOptions(block_size=_JSON_BLOCK_BYTES, use_threads=False),
+        parse_options=pajson.ParseOptions(explicit_schema=_LEDGER_SCHEMA, unexpected_field_behavior="ignore"),
+    )
+    for batch in reader:
+        yield batch.select(_LEDGER_SCHEMA.names)
+
+
+def _arrow_batches(ledger_path: Path) -> Iterator[pa.RecordBatch]:
+    """As :func:`_python_batches`, parsed by Arrow (about 5x faster); raises ``pa.ArrowInvalid`` on a bad line."""
+    hashes = [
+        np.fromiter((id_hash(i) for i in batch.column("custom_id").to_pylist()), dtype=np.uint64, count=batch.num_rows)
+        for batch in _arrow_reader(ledger_path)
+    ]
+    keep = _last_positions(np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64))
+    offset = 0
+    for batch in _arrow_reader(ledger_path):
+        end = offset + batch.num_rows
+        lo, hi = np.searchsorted(keep, [offset, end])
+        if hi - lo == batch.num_rows:
+            yield batch
+        elif hi > lo:
+            yield batch.take(pa.array(keep[lo:hi] - offset))
+        offset = end
+
+
+def _rebatch(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Batches of about ``rows`` rows (Arrow's JSON blocks are a few hundred rows each)."""
+    pending: list[pa.RecordBatch] = []
+    size = 0
+    for batch in batches:
+        pending.append(batch)
+        size += batch.num_rows
+        if size >= rows:
+            yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+            pending, size = [], 0
+    if size:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def _ledger_is_clean(ledger_path: Path) -> bool:
+    """Whether Arrow can read the whole ledger: it exists, is not empty and ends with a complete line."""
+    try:
+        with ledger_path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+    except OSError:
+        return False
+
+
+def _to_table(batch: pa.RecordBatch) -> pa.Table:
+    """A ledger batch in the results schema (ISO timestamps parsed)."""
+    columns = [
+        batch.column(field.name).cast(_TS) if field.type == _TS else batch.column(field.name) for field in SCHEMA
+    ]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
@@ -144,6 +209,15 @@ def batch_output_line(row: dict[str, Any], n: int) -> dict[str, Any]:
 def write_results(run_dir: Path) -> int:
     """(Re)write results.parquet, results.csv and output.jsonl from the ledger; returns the row count."""
     ledger_path = run_dir / "ledger.jsonl"
+    if _ledger_is_clean(ledger_path):
+        try:
+            return _write_files(run_dir, _arrow_batches(ledger_path))
+        except pa.ArrowInvalid:
+            pass  # a garbled line in the middle: the tolerant reader below skips it
+    return _write_files(run_dir, _python_batches(ledger_path))
+
+
+def _write_files(run_dir: Path, batches: Iterator[pa.RecordBatch]) -> int:
     targets = {name: run_dir / name for name in ("results.parquet", "results.csv", "output.jsonl")}
     tmp = {name: path.with_name(f".{path.name}.tmp") for name, path in targets.items()}
     count = 0
@@ -153,11 +227,11 @@ def write_results(run_dir: Path) -> int:
         tmp["output.jsonl"].open("w", encoding="utf-8") as out_fh,
     ):
         csv_writer = pacsv.CSVWriter(csv_fh, SCHEMA)
-        for rows in _batches(ledger_path):
-            table = _to_table(rows)
-            parquet.write_table(table)
+        for batch in _rebatch(batches, BATCH_ROWS):
+            table = _to_table(batch)
+            parquet.write_table(table)  # one row group per batch
             csv_writer.write_table(table)
-            for row in rows:
+            for row in batch.to_pylist():
                 count += 1
                 out_fh.write(json.dumps(batch_output_line(row, count), ensure_ascii=False) + "\n")
         if count == 0:
@@ -167,4 +241,5 @@ def write_results(run_dir: Path) -> int:
         csv_writer.close()
     for name, path in targets.items():
         os.replace(tmp[name], path)
+    pa.default_memory_pool().release_unused()  # the summary, read next, reuses what the pool kept
     return count

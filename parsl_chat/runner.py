@@ -643,13 +643,10 @@ def _failed_count(run_dir: Path) -> int:
 
 
 def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    from .analysis import SUMMARY_COLUMNS, load_run, summarize
+    from .analysis import write_summary
 
     _write_meta(run_dir, meta)
-    summary = summarize(load_run(run_dir, columns=SUMMARY_COLUMNS))
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, run_dir / "summary.json")
+    summary: dict[str, Any] = json.loads(write_summary(run_dir).read_text(encoding="utf-8"))
     return summary
 
 

@@ -15,7 +15,16 @@ import pandas as pd
 import pytest
 from runfactory import iso, make_run, row, run_meta, synthetic_run
 
-from parsl_chat.analysis import RESULT_COLUMNS, busy_union_s, compare, load_run, normalize, summarize, write_summary
+from parsl_chat.analysis import (
+    RESULT_COLUMNS,
+    busy_union_s,
+    compare,
+    load_run,
+    normalize,
+    summarize,
+    summarize_run,
+    write_summary,
+)
 from parsl_chat.errors import UsageError
 
 approx = pytest.approx
@@ -357,6 +366,30 @@ def test_write_summary_matches_summarize(tmp_path: Path) -> None:
     path = write_summary(run_dir)
     assert path == run_dir / "summary.json"
     assert json.loads(path.read_text()) == json.loads(json.dumps(summarize(load_run(run_dir))))
+
+
+def test_summarize_run_reads_compactly_and_agrees(tmp_path: Path) -> None:
+    """summary.json comes from a compact read (labels as categories, ids and errors only where shown);
+    it must give exactly what summarize(load_run(...)) gives, across row groups, ties and odd rows."""
+    import pyarrow.parquet as pq
+
+    rows = [
+        row(f"q{i:03d}", agent="abc"[i % 3], node=None if i % 11 == 0 else f"n{i % 4}", worker=f"w{i % 5}",
+            block=str(i % 2), job_id=str(100 + i % 2), start=i * 0.1, latency=[1.0, 2.5, 2.5, 0.5][i % 4],
+            status="error" if i % 7 == 0 else "ok", error_type=[None, "timeout", "server_error"][i % 3] if i % 7 == 0 else None,
+            attempts=1 + i % 3)
+        for i in range(120)
+    ]  # fmt: skip
+    rows.append(row("unplaced", node=None, worker=None, block=None, start=None, latency=None, status="error",
+                    error_type="invalid_input"))  # fmt: skip
+    run_dir = make_run(tmp_path / "r", rows, run_meta("r", blocks=KNOWN_BLOCKS, cost={"su_per_node_hour": 2.0}))
+    parquet = run_dir / "results.parquet"
+    pq.write_table(pq.read_table(parquet), parquet, row_group_size=16)  # several row groups, as a big run has
+    assert pq.ParquetFile(parquet).metadata.num_row_groups > 5
+    compact = summarize_run(run_dir)
+    assert compact == json.loads(json.dumps(summarize(load_run(run_dir))))
+    assert [e["error_type"] for e in compact["errors"]] and all(e["example"] for e in compact["errors"])
+    assert len(compact["slowest"]) == 5 and {s["latency_s"] for s in compact["slowest"]} == {2.5}
 
 
 def test_busy_union() -> None:

@@ -55,6 +55,14 @@ def test_summary_matches_independent_arithmetic(example_run: Path) -> None:
     assert json.loads(shown.stdout)["parallel_efficiency"] == pytest.approx(summary["parallel_efficiency"])
 
 
+def test_summary_json_is_what_load_run_gives(example_run: Path) -> None:
+    # summary.json comes from the compact reader; the general path must agree on a real run
+    from parsl_chat.analysis import load_run, summarize
+
+    summary = json.loads((example_run / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(summarize(load_run(example_run))))
+
+
 def test_example_report_renders_in_chromium(example_run: Path, tmp_path: Path) -> None:
     result = run_cli("report", str(example_run), "--html", str(tmp_path / "report.html"))
     assert result.returncode == 0, result.stderr
