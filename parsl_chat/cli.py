@@ -238,12 +238,15 @@ def config() -> None:
 def config_show(**opts: Any) -> None:
     """Every setting with its value and where it came from (cli / env / yaml / default)."""
     from .config import load_settings
+    from .runner import describe_fleet
 
     settings = load_settings(opts["profile"] or "local", opts["config_file"], _cli_settings(**opts))
     table = Table("setting", "value", "source", box=None)
     for key, value, source in settings.rows():
         table.add_row(key, "" if value is None else str(value), str(source))
     out_console.print(table)
+    fleet = "\n".join(describe_fleet(settings))
+    out_console.print(f"\nfleet, as a run resolves it:\n{fleet}", markup=False, highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- serve / cleanup / report

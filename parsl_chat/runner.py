@@ -409,19 +409,31 @@ def _dry_run(
         "per-node": f"model server: {settings.run.server.kind} ({settings.run.server.model}) started on each node",
     }[how]
     lines.append(server)
-    lines.append(
-        f"routing: {settings.run.routing}; {len(agents)} agents, {sum(a.concurrency for a in agents)} requests in flight at most"
-    )
+    lines += fleet_lines(settings.run.routing, agents, how)
+    lines.append(f"output: {run_dir}")
+    console.print("\n".join(lines), markup=False, highlight=False)
+    return RunOutcome(run_dir, 0, {}, "dry run: nothing sent")
+
+
+def fleet_lines(routing: str, agents: list[AgentSpec], how: str) -> list[str]:
+    """The resolved fleet, one line per agent (``--dry-run`` and ``config show``); keys are never shown."""
+    lines = [f"routing: {routing}; {len(agents)} agents, {sum(a.concurrency for a in agents)} requests in flight at most"]
     for agent in agents:
         endpoint = agent.endpoint
         if agent.endpoint == NODE_LOCAL_ENDPOINT:
             endpoint = "the embedded model server" if how == "driver" else "each node's model server"
+        key = ", API key set" if agent.api_key else ""
         lines.append(
-            f"  agent {agent.name}: model {agent.model}, {endpoint}, concurrency {agent.concurrency}, weight {agent.weight:g}"
+            f"  agent {agent.name}: model {agent.model}, {endpoint}, concurrency {agent.concurrency}, "
+            f"weight {agent.weight:g}{key}"
         )
-    lines.append(f"output: {run_dir}")
-    console.print("\n".join(lines), markup=False, highlight=False)
-    return RunOutcome(run_dir, 0, {}, "dry run: nothing sent")
+    return lines
+
+
+def describe_fleet(settings: Settings, no_parsl: bool = False) -> list[str]:
+    """:func:`fleet_lines` for ``settings`` as a run would resolve them (``--agents N`` cycling included)."""
+    endpoint, model, api_key, how = endpoint_and_server(settings, no_parsl or settings.profile.executor == "local")
+    return fleet_lines(settings.run.routing, resolve_agents(settings, endpoint or NODE_LOCAL_ENDPOINT, model, api_key), how)
 
 
 def _write_meta(run_dir: Path, meta: dict[str, Any]) -> None:

@@ -247,3 +247,19 @@ def test_secrets_never_written(sim_server, tmp_path: Path) -> None:
             assert secret.encode() not in path.read_bytes(), path
     shown = run_cli("config", "show", "--config", str(config), env={"OPENAI_API_KEY": secret})
     assert secret not in shown.stdout and "redacted" in shown.stdout
+
+
+def test_config_show_lists_the_resolved_fleet(tmp_path: Path) -> None:
+    secret = "sk-fleet-DO-NOT-LEAK-42"
+    config = tmp_path / "agents.yaml"
+    config.write_text(
+        f"agents:\n  - name: analyst\n    api_key: {secret}\n    model: big\n"
+        "  - name: teacher\n    endpoint: http://other:9000/v1\n"
+    )
+    shown = run_cli("config", "show", "--config", str(config), "--agents", "3", "--endpoint", "http://main:8000/v1")
+    assert shown.returncode == 0, shown.stderr
+    assert "routing: round_robin; 3 agents" in shown.stdout
+    assert "agent analyst: model big, http://main:8000/v1, concurrency 4, weight 1, API key set" in shown.stdout
+    assert "agent teacher: model default, http://other:9000/v1, concurrency 4, weight 1\n" in shown.stdout
+    assert "agent analyst-2: model big, http://main:8000/v1" in shown.stdout  # --agents 3 cycles the two configured
+    assert secret not in shown.stdout + shown.stderr
