@@ -57,6 +57,17 @@ fi
 
 echo "parsl-chat job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): ${SLURM_JOB_NODELIST:-?}; run directory $out"
 
+# This job's log path with its job id turned back into %j, for the continuation.
+# Only in the file name and only as a whole number: job 4's log in /tmp/pytest-14/
+# must not become /tmp/pytest-1%j/ (seen in CI).
+output_pattern() {
+  local dir base
+  dir=$(dirname -- "$1")
+  base=$(basename -- "$1")
+  base=$(sed -E "s/(^|[^0-9])$2([^0-9]|$)/\1%j\2/g" <<<"$base")
+  printf '%s/%s\n' "$dir" "$base"
+}
+
 # The batch shell runs a trap only after its foreground child exits, so run
 # parsl-chat in the background, forward the warning signal, and wait.
 parsl-chat "${args[@]}" &
@@ -76,7 +87,8 @@ if [[ $rc == 3 ]]; then
     field() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" <<<"$info" | head -n1; }
     same=(--nodes="$(field NumNodes | cut -d- -f1)" --time="$(field TimeLimit)" --partition="$(field Partition)")
     stdout=$(field StdOut)
-    [[ -n "$stdout" ]] && same+=(--output="${stdout//$SLURM_JOB_ID/%j}")
+    # append: a log name without the job id in it stays one log, not overwritten by the next job
+    [[ -n "$stdout" ]] && same+=(--output="$(output_pattern "$stdout" "$SLURM_JOB_ID")" --open-mode=append)
     for opt in Account QOS; do
       value=$(field "$opt")
       [[ -n "$value" && "$value" != "(null)" ]] && same+=(--"${opt,,}"="$value")

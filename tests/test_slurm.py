@@ -201,3 +201,23 @@ def test_a_node_server_that_never_starts_names_the_node(slurm_cluster, slurm_cle
     assert "exited with status 3" in result.stderr, result.stderr
     assert "on node n1" in result.stderr or "on node n2" in result.stderr
     assert slurm_cluster.wait_queue_empty() == []
+
+
+@pytest.mark.parametrize(
+    ("log", "job_id", "pattern"),
+    [
+        ("/tmp/pytest-14/t0/job-4.out", "4", "/tmp/pytest-14/t0/job-%j.out"),  # CI: the directory's digits stay
+        ("/home/u/parsl-chat-123.out", "123", "/home/u/parsl-chat-%j.out"),
+        ("/home/u/run-1234.out", "123", "/home/u/run-1234.out"),  # not a whole number: left as is (appended to)
+        ("/scratch/5/5.log", "5", "/scratch/5/%j.log"),
+    ],
+)
+def test_continuation_log_pattern(log: str, job_id: str, pattern: str) -> None:
+    # the function chat_batch.sh uses to give a continuation job the same log naming
+    script = (REPO / "jobs" / "chat_batch.sh").read_text()
+    function = script[script.index("output_pattern() {") :]
+    function = function[: function.index("\n}\n") + 3]
+    call = f'{function}\noutput_pattern "$1" "$2"'
+    shown = subprocess.run(["bash", "-c", call, "-", log, job_id], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == pattern
