@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -175,32 +176,43 @@ class AgentLimits:
             await asyncio.sleep(min(0.05 * self._server_waiting, 0.5))
 
 
-_NO_METRICS: set[str] = set()
+#: endpoint base -> monotonic time before which its /metrics is not asked again
+_NO_METRICS: dict[str, float] = {}
+#: after a timeout, a refused connection or a 5xx: the server may be busy or restarting, ask again later
+METRICS_RETRY_S = 30.0
+#: answers that mean "this server has no metrics": never asked again in this process
+_METRICS_ABSENT = frozenset({401, 403, 404, 405, 501})
 
 
-async def _metrics_text(client: Any, url: str) -> str | None:
+async def _metrics_text(client: Any, url: str) -> tuple[str | None, int | None]:
+    """(body, None) on 200; (None, status) for another answer; (None, None) when there was no answer."""
     if isinstance(client, aiohttp.ClientSession):
         try:
             async with client.get(url, timeout=aiohttp.ClientTimeout(total=0.5)) as resp:
-                return await resp.text() if resp.status == 200 else None
+                return (await resp.text(), None) if resp.status == 200 else (None, resp.status)
         except (aiohttp.ClientError, TimeoutError):
-            return None
+            return None, None
     try:
         response = await client.get(url, timeout=0.5)
     except httpx.HTTPError:
-        return None
-    return response.text if response.status_code == 200 else None
+        return None, None
+    return (response.text, None) if response.status_code == 200 else (None, response.status_code)
 
 
 async def _server_waiting(client: Any, endpoint: str) -> int:
-    """Requests waiting in the server's own queue, from Prometheus metrics (llama.cpp, vLLM)."""
+    """Requests waiting in the server's own queue, from Prometheus metrics (llama.cpp, vLLM).
+
+    A server without metrics is not asked again; one that did not answer is asked
+    again after :data:`METRICS_RETRY_S` (one slow moment must not turn the probe off for the run).
+    """
     base = endpoint[: -len("/v1")] if endpoint.endswith("/v1") else endpoint
-    if base in _NO_METRICS:
+    if time.monotonic() < _NO_METRICS.get(base, -math.inf):
         return 0
-    text = await _metrics_text(client, f"{base}/metrics")
+    text, status = await _metrics_text(client, f"{base}/metrics")
     if text is None:
-        _NO_METRICS.add(base)
+        _NO_METRICS[base] = math.inf if status in _METRICS_ABSENT else time.monotonic() + METRICS_RETRY_S
         return 0
+    _NO_METRICS.pop(base, None)
     waiting = 0.0
     for line in text.splitlines():
         if line.startswith(("llamacpp:requests_deferred", "vllm:num_requests_waiting")):

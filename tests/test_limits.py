@@ -320,21 +320,39 @@ def test_server_waiting_ignores_garbage_values() -> None:
     assert run(_waiting(lambda r: httpx.Response(200, text=text), "http://g/v1")) == 2
 
 
-@pytest.mark.parametrize("status", [404, 500])
-def test_server_without_metrics_remembered(status: int) -> None:
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_server_without_metrics_never_asked_again(status: int, clock: Clock) -> None:
     seen: list[str] = []
     endpoint = f"http://nometrics{status}/v1"
     assert run(_waiting(lambda r: httpx.Response(status, text="nope"), endpoint, seen)) == 0
+    clock.now += 3600
     assert run(_waiting(lambda r: httpx.Response(200, text=VLLM), endpoint, seen)) == 0
     assert len(seen) == 1  # never asked again
 
 
-def test_server_metrics_connection_error() -> None:
-    def fail(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+def test_server_metrics_connection_error_is_retried_later(clock: Clock) -> None:
+    seen: list[str] = []
+    state = {"up": False}
 
-    assert run(_waiting(fail, "http://down/v1")) == 0
-    assert "http://down" in limits_mod._NO_METRICS
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if not state["up"]:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, text=VLLM)
+
+    assert run(_waiting(flaky, "http://down/v1", seen)) == 0
+    state["up"] = True
+    assert run(_waiting(flaky, "http://down/v1", seen)) == 0  # within the back-off: not asked
+    assert len(seen) == 1
+    clock.now += limits_mod.METRICS_RETRY_S + 1
+    assert run(_waiting(flaky, "http://down/v1", seen)) == 3  # asked again, and the queue is seen
+    assert len(seen) == 2 and "http://down" not in limits_mod._NO_METRICS
+
+
+def test_server_metrics_500_is_retried_later(clock: Clock) -> None:
+    seen: list[str] = []
+    assert run(_waiting(lambda r: httpx.Response(500, text="busy"), "http://busy/v1", seen)) == 0
+    clock.now += limits_mod.METRICS_RETRY_S + 1
+    assert run(_waiting(lambda r: httpx.Response(200, text=VLLM), "http://busy/v1", seen)) == 3
 
 
 def test_server_metrics_timeout() -> None:
