@@ -432,41 +432,56 @@ def render_comparison(table: pd.DataFrame, console: Console) -> None:
     base = table.iloc[0]
     out = _table(
         "Scaling comparison",
-        "run",
-        "status",
-        "nodes",
-        "workers",
-        "slots",
-        "prompts",
-        "failed",
-        "wall",
-        "prompts/s",
-        "ok/s",
-        "speedup",
-        "ideal",
-        "efficiency",
+        *COMPARISON_HEADERS,
         caption=(
             f"baseline: {base['run_id']}; speedup = ok/s ÷ baseline ok/s; ideal = {resource} ÷ baseline {resource}; "
-            "efficiency = speedup ÷ ideal"
+            "scaling eff. = speedup ÷ ideal; parallel eff. = busy agent-seconds ÷ (agent slots × wall) within each run"
         ),
     )
     for r in table.to_dict("records"):
-        out.add_row(
-            str(r["run_id"]),
-            str(r["status"] or DASH),
-            _opt_int(r["nodes"]),
-            _opt_int(r["workers"]),
-            _opt_int(r["agent_slots"]),
-            fmt_int(r["prompts"]),
-            _failed(int(r["prompts"] - r["ok"])),
-            fmt_s(_opt_float(r["wall_s"])),
-            fmt_num(_opt_float(r["prompts_per_s"])),
-            fmt_num(_opt_float(r["ok_per_s"])),
-            _times(_opt_float(r["speedup"])),
-            _times(_opt_float(r["ideal_speedup"])),
-            _pct_style(_opt_float(r["efficiency"])),
-        )
+        out.add_row(*_comparison_cells(r, _failed, _pct_style))
     _emit(console, out)
+
+
+#: the scaling table's columns, in the terminal and in HTML
+COMPARISON_HEADERS = (
+    "run",
+    "status",
+    "nodes",
+    "workers",
+    "slots",
+    "prompts",
+    "failed",
+    "wall",
+    "prompts/s",
+    "ok/s",
+    "parallel eff.",
+    "speedup",
+    "ideal",
+    "scaling eff.",
+)
+
+
+def _comparison_cells(
+    r: Mapping[Any, Any], failed: Callable[[int], str] = fmt_int, efficiency: Callable[[float | None], str] = fmt_pct
+) -> list[str]:
+    """One run's row of :data:`COMPARISON_HEADERS`; the terminal passes colouring formatters."""
+    return [
+        str(r["run_id"]),
+        str(r["status"] or DASH),
+        _opt_int(r["nodes"]),
+        _opt_int(r["workers"]),
+        _opt_int(r["agent_slots"]),
+        fmt_int(r["prompts"]),
+        failed(int(r["prompts"] - r["ok"])),
+        fmt_s(_opt_float(r["wall_s"])),
+        fmt_num(_opt_float(r["prompts_per_s"])),
+        fmt_num(_opt_float(r["ok_per_s"])),
+        efficiency(_opt_float(r["parallel_efficiency"])),
+        _times(_opt_float(r["speedup"])),
+        _times(_opt_float(r["ideal_speedup"])),
+        efficiency(_opt_float(r["efficiency"])),
+    ]
 
 
 def _opt_float(value: Any) -> float | None:
@@ -1571,41 +1586,8 @@ def write_comparison_html(table: pd.DataFrame, dfs: Sequence[pd.DataFrame], path
         ),
         ("latency_cdf", _plot_compare_cdf(table, dfs), "latency CDF of each run"),
     ]
-    rows = [
-        [
-            r["run_id"],
-            r["status"],
-            _opt_int(r["nodes"]),
-            _opt_int(r["workers"]),
-            _opt_int(r["agent_slots"]),
-            fmt_int(r["prompts"]),
-            fmt_int(r["prompts"] - r["ok"]),
-            fmt_s(_opt_float(r["wall_s"])),
-            fmt_num(_opt_float(r["prompts_per_s"])),
-            fmt_num(_opt_float(r["ok_per_s"])),
-            fmt_pct(_opt_float(r["parallel_efficiency"])),
-            _times(_opt_float(r["speedup"])),
-            _times(_opt_float(r["ideal_speedup"])),
-            fmt_pct(_opt_float(r["efficiency"])),
-        ]
-        for r in table.to_dict("records")
-    ]
-    headers = [
-        "run",
-        "status",
-        "nodes",
-        "workers",
-        "slots",
-        "prompts",
-        "failed",
-        "wall",
-        "prompts/s",
-        "ok/s",
-        "parallel eff.",
-        "speedup",
-        "ideal",
-        "scaling eff.",
-    ]
+    rows = [_comparison_cells(r) for r in table.to_dict("records")]
+    headers = list(COMPARISON_HEADERS)
     base = str(table["run_id"].iloc[0]) if len(table) else DASH
     body = [
         f"<h1>parsl-chat scaling comparison: {len(table)} runs</h1>",
