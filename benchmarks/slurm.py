@@ -70,8 +70,17 @@ def run(ctx: Context) -> dict[str, Any]:
         data = {"skipped": "the dev SLURM cluster is not up (scripts/slurm-dev-cluster start)"}
         write_result(ctx, "slurm", data, "## 5. SLURM scaling\n\nskipped: " + data["skipped"])
         return data
-    n = 1200 if ctx.quick else 7200
-    work = ctx.scratch("slurm")
+    # Two sizes in full mode: the fixed cost per run (~5 s: job start, workers connecting, end)
+    # weighs less on the longer one, which shows what the request phase scales to.
+    sizes = [1200] if ctx.quick else [7200, 14400]
+    results = {n: _measure(ctx, env, n) for n in sizes}
+    data = {"sizes": {str(n): d for n, (d, _) in results.items()}}
+    write_result(ctx, "slurm", data, "\n\n".join("\n".join(md) for _, md in results.values()))
+    return data
+
+
+def _measure(ctx: Context, env: dict[str, str], n: int) -> tuple[dict[str, Any], list[str]]:
+    work = ctx.scratch(f"slurm-{n}")
     prompts = write_prompts(work / "prompts.jsonl", n)
     runs: dict[str, list[dict[str, Any]]] = {}
     with simulated(LATENCY_MS) as server:
@@ -177,7 +186,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for key, s in summary.items()
     ]
     md = [
-        "## 5. SLURM scaling (dev cluster, 2 nodes on this machine)",
+        f"## 5. SLURM scaling (dev cluster, 2 nodes on this machine): {n} prompts",
         "",
         f"{n} prompts, simulated endpoint {LATENCY_MS} ms, per-node cap {PER_NODE} in flight "
         f"({WORKERS} workers x 3 agents x 2 slots); `--profile` slurm-style profile, one block of 1 or 2 nodes, "
@@ -205,5 +214,4 @@ def run(ctx: Context) -> dict[str, Any]:
         + (f"; with the proposals: {fmt(data['speedup_with_proposals'], 2)}x" if proposal_speedups else "")
         + ".",
     ]
-    write_result(ctx, "slurm", data, "\n".join(md))
-    return data
+    return data, md

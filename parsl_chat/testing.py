@@ -605,6 +605,19 @@ def _plan_argv(plan: FaultPlan) -> list[str]:
     return argv
 
 
+def _contents(file: IO[bytes]) -> bytes:
+    """All of a file the child writes to, read without moving the offset it shares with the child.
+
+    seek(0) + read() would move that offset: print() writes a line and its newline
+    separately, and a seek between the two put the newline over the line's first
+    byte, so the ready line was never seen (CI, twice).
+    """
+    data = b""
+    while chunk := os.pread(file.fileno(), 1 << 16, len(data)):
+        data += chunk
+    return data
+
+
 def _process_state(pid: int) -> str:
     """The kernel's view of a process (``State`` and where it sleeps), for a start-up that hangs."""
     try:
@@ -723,8 +736,7 @@ class SimulatedServer:
 
     def _ready_url(self) -> str | None:
         assert self._stdout is not None
-        self._stdout.seek(0)
-        for line in self._stdout.read().decode(errors="replace").splitlines():
+        for line in _contents(self._stdout).decode(errors="replace").splitlines():
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX) :].strip()
         return None
@@ -759,8 +771,7 @@ class SimulatedServer:
     def _stderr_tail(self, max_chars: int = 2000) -> str:
         if self._stderr is None:
             return ""
-        self._stderr.seek(0)
-        tail = self._stderr.read().decode(errors="replace")[-max_chars:].strip()
+        tail = _contents(self._stderr).decode(errors="replace")[-max_chars:].strip()
         return f":\n{tail}" if tail else ""
 
     def requests(self) -> list[dict[str, Any]]:

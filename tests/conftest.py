@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 @pytest.fixture
 def sim_server() -> Iterator[Callable[..., Any]]:
     """Factory: ``sim_server(latency_ms=50, rate_500=0.1, ...)`` -> a started SimulatedServer."""
-    from parsl_chat.errors import ServerError
     from parsl_chat.testing import FaultPlan, SimulatedServer
 
     started: list[SimulatedServer] = []
@@ -43,16 +41,7 @@ def sim_server() -> Iterator[Callable[..., Any]]:
     def start(log_path: str | None = None, **plan: Any) -> SimulatedServer:
         # generous start-up bound: CI's two cores may be busy with a Parsl or SLURM test
         server = SimulatedServer(plan=FaultPlan(**plan), log_path=log_path, startup_timeout_s=60)
-        try:
-            server.start()
-        except ServerError as exc:
-            # Seen once in CI (a child that was not ready after 60 s, cause unknown): one more
-            # child, and the first one's state and Python stacks kept as a warning.
-            if "was not ready after" not in str(exc):
-                raise
-            warnings.warn(f"simulated server start-up retried: {exc}", stacklevel=2)
-            server = SimulatedServer(plan=FaultPlan(**plan), log_path=log_path, startup_timeout_s=60)
-            server.start()
+        server.start()
         started.append(server)
         return server
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import re
 import socket
 import sys
@@ -437,6 +438,21 @@ def test_simulated_server_bad_port_raises_server_error() -> None:
             server.start()
     assert "in use" in str(caught.value).lower()
     server.stop()  # harmless after a failed start
+
+
+def test_reading_the_childs_output_leaves_the_shared_offset_alone(tmp_path: Path) -> None:
+    # The child writes through the same open file; a parent seek between print()'s two
+    # writes once put the newline over the ready line's first byte (CI, twice).
+    from parsl_chat.testing import _contents
+
+    with (tmp_path / "out").open("w+b") as shared:
+        shared.write(b"parsl-chat simulated endpoint: http://h:1/v1")
+        shared.flush()
+        assert _contents(shared) == b"parsl-chat simulated endpoint: http://h:1/v1"
+        assert os.lseek(shared.fileno(), 0, os.SEEK_CUR) == 44  # where the child's "\n" will go
+        shared.write(b"\n")
+        shared.flush()
+        assert _contents(shared).splitlines() == [b"parsl-chat simulated endpoint: http://h:1/v1"]
 
 
 def test_simulated_server_that_hangs_at_start_up_reports_where(monkeypatch: pytest.MonkeyPatch) -> None:
