@@ -291,3 +291,44 @@ def test_output_readable_by_openai_types(tmp_path: Path) -> None:
     completion = openai_types.ChatCompletion.model_validate(ok["response"]["body"])
     assert completion.choices[0].message.content == "answer a"
     assert completion.created == int(T0 + 2.5)
+
+
+def test_arrow_and_tolerant_readers_write_the_same_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import parsl_chat.results as results_mod
+
+    rows = [row(f"q{i}", i + 1, "error" if i % 5 == 0 else "ok", turn=i % 3 or None) for i in range(40)]
+    rows.append(row("q7", 8, response="again"))  # a retry: the last record wins
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "tolerant").mkdir()
+    clean = make_run(tmp_path / "clean", rows)
+    tolerant = make_run(tmp_path / "tolerant", rows)
+
+    def no_python(path: Path) -> Any:
+        raise AssertionError("a clean ledger is read by Arrow")
+
+    monkeypatch.setattr(results_mod, "_python_batches", no_python)
+    assert write_results(clean) == 40
+    monkeypatch.undo()
+    monkeypatch.setattr(results_mod, "_ledger_is_clean", lambda path: False)
+    assert write_results(tolerant) == 40
+    for name in ("results.parquet", "results.csv", "output.jsonl"):
+        if name == "results.parquet":
+            assert pq.read_table(clean / name).equals(pq.read_table(tolerant / name))
+        else:
+            assert (clean / name).read_bytes() == (tolerant / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("damage", ["garbled middle line", "torn last line"])
+def test_damaged_ledger_falls_back_to_the_tolerant_reader(tmp_path: Path, damage: str) -> None:
+    run_dir = make_run(tmp_path, [row("a", 1), row("b", 2), row("c", 3)])
+    ledger = run_dir / "ledger.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    if damage == "garbled middle line":
+        lines[1] = '{"custom_id": "b", "line": 2, "status": \n'
+    else:
+        lines[2] = lines[2][:25]  # no newline: the write that was cut
+    ledger.write_text("".join(lines))
+    assert write_results(run_dir) == 2
+    assert pq.read_table(run_dir / "results.parquet").column("custom_id").to_pylist() == (
+        ["a", "c"] if damage == "garbled middle line" else ["a", "b"]
+    )
