@@ -16,7 +16,9 @@
 # reads the job's time left from squeue and stops dispatching early on its own. Either
 # way it records what finished and exits 3, and this script then submits a continuation
 # job (--dependency=afterany) that resumes the same run directory, until the run is
-# complete or PARSL_CHAT_MAX_RESUBMIT continuations have run.
+# complete or PARSL_CHAT_MAX_RESUBMIT continuations have run. A continuation asks for the
+# warning min(300 s, a quarter of its time limit) before the end: SLURM does not say which
+# --signal this job was given, and the 300 s default would fire at once in a short job.
 #
 #SBATCH --job-name=parsl-chat
 #SBATCH --nodes=2
@@ -57,6 +59,28 @@ fi
 
 echo "parsl-chat job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s): ${SLURM_JOB_NODELIST:-?}; run directory $out"
 
+# Seconds in a SLURM time limit ([days-]hours:minutes:seconds, minutes:seconds, minutes).
+limit_seconds() {
+  local days=0 rest=$1 h=0 m=0 sec=0
+  [[ $rest == *-* ]] && { days=${rest%%-*}; rest=${rest#*-}; }
+  IFS=: read -r -a parts <<<"$rest"
+  case ${#parts[@]} in
+    3) h=${parts[0]} m=${parts[1]} sec=${parts[2]} ;;
+    2) m=${parts[0]} sec=${parts[1]} ;;
+    1) m=${parts[0]} ;;
+  esac
+  echo $(( ((10#$days * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$sec ))
+}
+
+# The warning signal a continuation asks for: 300 s before its end, or a quarter of a short limit.
+warning_offset() {
+  local limit
+  [[ $1 =~ ^[0-9:-]+$ ]] || { echo 300; return; }  # UNLIMITED and the like
+  limit=$(limit_seconds "$1")
+  local quarter=$(( limit / 4 ))
+  (( quarter < 300 )) && echo $(( quarter > 5 ? quarter : 5 )) || echo 300
+}
+
 # This job's log path with its job id turned back into %j, for the continuation.
 # Only in the file name and only as a whole number: job 4's log in /tmp/pytest-14/
 # must not become /tmp/pytest-1%j/ (seen in CI).
@@ -85,7 +109,9 @@ if [[ $rc == 3 ]]; then
     # the continuation asks for what this job had (options given to sbatch beat #SBATCH lines)
     info=$(scontrol show job "$SLURM_JOB_ID")
     field() { sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" <<<"$info" | head -n1; }
-    same=(--nodes="$(field NumNodes | cut -d- -f1)" --time="$(field TimeLimit)" --partition="$(field Partition)")
+    limit=$(field TimeLimit)
+    same=(--nodes="$(field NumNodes | cut -d- -f1)" --time="$limit" --partition="$(field Partition)")
+    same+=(--signal="B:USR1@$(warning_offset "$limit")")
     stdout=$(field StdOut)
     # append: a log name without the job id in it stays one log, not overwritten by the next job
     [[ -n "$stdout" ]] && same+=(--output="$(output_pattern "$stdout" "$SLURM_JOB_ID")" --open-mode=append)

@@ -135,7 +135,9 @@ def test_walltime_stops_cleanly_and_continuation_finishes(slurm_cluster, slurm_c
     logs = sorted(tmp_path.glob("job-*.out"))
     first_log = (tmp_path / f"job-{first}.out").read_text()
     assert "run stopped (walltime)" in first_log and "continuation job" in first_log, first_log
-    assert len(logs) >= 2
+    assert len(logs) == 2, [log.read_text() for log in logs]  # one continuation is enough for 68 prompts
+    for log in logs:  # the continuation's warning signal must not fire at its start (SLURM's @300 would)
+        assert "walltime warning" not in log.read_text(), log.read_text()
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == 200 and df.custom_id.is_unique and (df.status == "ok").all()
     assert df.job_id.nunique() >= 2  # answered across the first job and its continuation
@@ -214,10 +216,25 @@ def test_a_node_server_that_never_starts_names_the_node(slurm_cluster, slurm_cle
 )
 def test_continuation_log_pattern(log: str, job_id: str, pattern: str) -> None:
     # the function chat_batch.sh uses to give a continuation job the same log naming
+    assert _job_script_function("output_pattern", log, job_id) == pattern
+
+
+@pytest.mark.parametrize(
+    ("limit", "offset"),
+    [("00:01:00", "15"), ("1:00", "15"), ("00:10:00", "150"), ("30", "300"), ("2-00:00:00", "300"), ("UNLIMITED", "300")],
+)
+def test_continuation_warning_signal_fits_its_time_limit(limit: str, offset: str) -> None:
+    assert _job_script_function("warning_offset", limit) == offset
+
+
+def _job_script_function(name: str, *args: str) -> str:
+    """Call one of jobs/chat_batch.sh's shell functions (with the functions it uses) and return its output."""
     script = (REPO / "jobs" / "chat_batch.sh").read_text()
-    function = script[script.index("output_pattern() {") :]
-    function = function[: function.index("\n}\n") + 3]
-    call = f'{function}\noutput_pattern "$1" "$2"'
-    shown = subprocess.run(["bash", "-c", call, "-", log, job_id], capture_output=True, text=True)
+    functions = []
+    for part in ("limit_seconds", "warning_offset", "output_pattern"):
+        body = script[script.index(f"{part}() {{") :]
+        functions.append(body[: body.index("\n}\n") + 3])
+    call = "\n".join(functions) + f'\n{name} "$@"'
+    shown = subprocess.run(["bash", "-c", call, "-", *args], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.strip() == pattern
+    return shown.stdout.strip()
