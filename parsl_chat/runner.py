@@ -588,9 +588,10 @@ def _run(
             ledger.close()
         except OSError:
             pass  # the failed write is reported below; complete lines are already on disk
-        _restore_signals(previous_handlers)
         stop_file.unlink(missing_ok=True)
 
+    # Signals stay handled until the results and summary are written: a batch job's warning
+    # that arrives now (seen: during Parsl's shutdown) must not kill the driver mid-write.
     try:
         count = write_results(run_dir)
         meta["finished_at"] = iso(time.time())
@@ -598,7 +599,8 @@ def _run(
         prompts = scanned.valid + len(skipped)
         max_count, max_share = parse_max_failures(settings.run.max_failures)
         allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
-        meta["status"] = "interrupted" if stop else "failed" if failed > allowed else "complete"
+        interrupted = bool(stop) and count < prompts  # a stop after the last answer leaves nothing to resume
+        meta["status"] = "interrupted" if interrupted else "failed" if failed > allowed else "complete"
         summary = _write_summary(run_dir, meta)  # once, with the final status: it reads every row
     except OSError as exc:
         raise RunInterrupted(
@@ -606,7 +608,9 @@ def _run(
             "every answer recorded so far is in ledger.jsonl",
             hint=f"free space (or raise the quota), then finish with: parsl-chat run --resume {run_dir}",
         ) from None
-    if stop:
+    finally:
+        _restore_signals(previous_handlers)
+    if interrupted:
         resume = f"parsl-chat run --resume {run_dir}"
         raise RunInterrupted(
             f"run stopped ({stop.reason}) with {count} of {prompts} prompts recorded in {run_dir}",

@@ -263,3 +263,35 @@ def test_config_show_lists_the_resolved_fleet(tmp_path: Path) -> None:
     assert "agent teacher: model default, http://other:9000/v1, concurrency 4, weight 1\n" in shown.stdout
     assert "agent analyst-2: model big, http://main:8000/v1" in shown.stdout  # --agents 3 cycles the two configured
     assert secret not in shown.stdout + shown.stderr
+
+
+def test_a_signal_after_the_last_answer_still_ends_complete(sim_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A batch job's warning can arrive while results are written (seen in CI, during Parsl's
+    # shutdown): the driver must finish writing, and with every prompt recorded the run is complete.
+    import io
+    import os
+    import signal
+
+    from rich.console import Console
+
+    import parsl_chat.runner as runner_mod
+
+    server = sim_server()
+    write = runner_mod.write_results
+
+    def signalled_write(run_dir: Path) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(run_dir)
+
+    monkeypatch.setattr(runner_mod, "write_results", signalled_write)
+    out = tmp_path / "run"
+    options = runner_mod.RunOptions(
+        prompts=str(EXAMPLES / "prompts.jsonl"), out=out, no_parsl=True, quiet=True,
+        cli_settings={"endpoint": server.url, "model": "sim"},
+    )  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM)
+    outcome = runner_mod.execute_run(options, Console(file=io.StringIO()))
+    assert outcome.exit_code == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    assert len(pd.read_parquet(out / "results.parquet")) == 30
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored once the results are written
