@@ -19,6 +19,7 @@
 # complete or PARSL_CHAT_MAX_RESUBMIT continuations have run. A continuation asks for the
 # warning min(300 s, a quarter of its time limit) before the end: SLURM does not say which
 # --signal this job was given, and the 300 s default would fire at once in a short job.
+# (SLURM may send it up to 60 s early; in a job of a few minutes a continuation can stop early.)
 #
 #SBATCH --job-name=parsl-chat
 #SBATCH --nodes=2
@@ -78,7 +79,7 @@ warning_offset() {
   [[ $1 =~ ^[0-9:-]+$ ]] || { echo 300; return; }  # UNLIMITED and the like
   limit=$(limit_seconds "$1")
   local quarter=$(( limit / 4 ))
-  (( quarter < 300 )) && echo $(( quarter > 5 ? quarter : 5 )) || echo 300
+  echo $(( quarter < 5 ? 5 : quarter > 300 ? 300 : quarter ))
 }
 
 # This job's log path with its job id turned back into %j, for the continuation.

@@ -40,7 +40,6 @@ from .errors import UsageError
 
 __all__ = [
     "ERROR_TYPES",
-    "LABEL_COLUMNS",
     "RESULT_COLUMNS",
     "busy_union_s",
     "compare",
@@ -99,7 +98,7 @@ SUMMARY_COLUMNS = tuple(
 #: unique strings per row: :func:`summarize_run` reads them only where summarize shows them
 _SPARSE_COLUMNS = ("custom_id", "error")
 #: columns with few distinct values: :func:`summarize_run` holds them as categories (a byte or two per row)
-LABEL_COLUMNS = ("agent", "model", "hostname", "node", "worker", "block", "job_id", "status", "error_type")
+_LABEL_COLUMNS = ("agent", "model", "hostname", "node", "worker", "block", "job_id", "status", "error_type")
 
 
 def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -242,7 +241,7 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _is_normal(df: pd.DataFrame, columns: Iterable[str] = RESULT_COLUMNS) -> bool:
+def _is_normal(df: pd.DataFrame, columns: Iterable[str]) -> bool:
     """Whether ``df`` has ``columns`` with :func:`normalize`'s dtypes (strings may be categories)."""
     for column in columns:
         dtype = RESULT_COLUMNS[column]
@@ -371,9 +370,14 @@ def _run(df: pd.DataFrame) -> dict[str, Any]:
     return run if isinstance(run, dict) else {}
 
 
+def _category(series: pd.Series) -> pd.Series:
+    """``series`` as categories (as it is when it already is)."""
+    return series if isinstance(series.dtype, pd.CategoricalDtype) else series.astype("category")
+
+
 def _label(series: pd.Series, missing: str) -> pd.Series:
     """``series`` as categories with ``missing`` for missing values: grouping by it costs a code per row."""
-    cat = series if isinstance(series.dtype, pd.CategoricalDtype) else series.astype("category")
+    cat = _category(series)
     if cat.isna().any():
         if missing not in cat.cat.categories:
             cat = cat.cat.add_categories([missing])
@@ -383,10 +387,10 @@ def _label(series: pd.Series, missing: str) -> pd.Series:
 
 def _place(df: pd.DataFrame) -> pd.Series:
     """Where each request ran: the scheduler node, else the hostname, else ``"unknown"`` (as categories)."""
-    node, host = _label(df["node"], "unknown"), df["hostname"]
+    node = _label(df["node"], "unknown")
     if not df["node"].isna().any():
         return node
-    host = host if isinstance(host.dtype, pd.CategoricalDtype) else host.astype("category")
+    host = _category(df["hostname"])
     both = node.cat.categories.union(host.cat.categories)
     node_codes = node.cat.set_categories(both).cat.codes.to_numpy()
     host_codes = host.cat.set_categories(both).cat.codes.to_numpy()
@@ -490,9 +494,9 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
 def summarize_run(path: str | Path) -> dict[str, Any]:
     """``summarize(load_run(path))``, with memory to spare for a million rows.
 
-    ``results.parquet`` is streamed in batches into a compact frame: only the
-    columns :func:`summarize` reads, label columns as categories. The numbers
-    are the same as from :func:`load_run` (tests compare both).
+    ``results.parquet`` is read column by column into a compact frame (see
+    :func:`_read_compact`). The numbers are the same as from :func:`load_run`
+    (tests compare both).
     """
     run_dir = Path(path)
     parquet = run_dir / "results.parquet"
@@ -508,7 +512,7 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
 
 
 def _read_compact(parquet: Path) -> pd.DataFrame:
-    """The :data:`SUMMARY_COLUMNS` of ``parquet``; :data:`LABEL_COLUMNS` as categories.
+    """The :data:`SUMMARY_COLUMNS` of ``parquet``; :data:`_LABEL_COLUMNS` as categories.
 
     One column at a time (Parquet is columnar), so Arrow's buffers for a
     column are freed before the next is read instead of pinning its pool.
@@ -517,7 +521,7 @@ def _read_compact(parquet: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     names = set(pq.read_schema(parquet).names)
-    labels = [c for c in LABEL_COLUMNS if c in names]
+    labels = [c for c in _LABEL_COLUMNS if c in names]
     file = pq.ParquetFile(parquet, read_dictionary=labels)
     # pandas' own types directly: nullable integers and "str" strings, no object detour
     mapping = {pa.int64(): pd.Int64Dtype(), pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}.get
@@ -833,7 +837,7 @@ def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
     records = _group_records(df, {"node": place})
     total_busy = float(sum(r["busy_s"] for r in records))
     active = _union_by_group(place, _epoch_s(df["started_at"]), _epoch_s(df["finished_at"]))
-    host = df["hostname"] if isinstance(df["hostname"].dtype, pd.CategoricalDtype) else df["hostname"].astype("category")
+    host = _category(df["hostname"])
     host_codes = host.cat.codes.to_numpy().astype(np.int64)
     has_host = host_codes >= 0
     n_hosts = len(host.cat.categories)

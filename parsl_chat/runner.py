@@ -430,9 +430,9 @@ def fleet_lines(routing: str, agents: list[AgentSpec], how: str) -> list[str]:
     return lines
 
 
-def describe_fleet(settings: Settings, no_parsl: bool = False) -> list[str]:
+def describe_fleet(settings: Settings) -> list[str]:
     """:func:`fleet_lines` for ``settings`` as a run would resolve them (``--agents N`` cycling included)."""
-    endpoint, model, api_key, how = endpoint_and_server(settings, no_parsl or settings.profile.executor == "local")
+    endpoint, model, api_key, how = endpoint_and_server(settings, settings.profile.executor == "local")
     return fleet_lines(settings.run.routing, resolve_agents(settings, endpoint or NODE_LOCAL_ENDPOINT, model, api_key), how)
 
 

@@ -552,13 +552,10 @@ async def _serve(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only (POSIX)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                handled.append(sig)
-            except (NotImplementedError, RuntimeError):  # Windows, or no signals here
-                pass
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
     try:
         site = web.TCPSite(runner, host, port, backlog=1024)
         try:
@@ -612,10 +609,7 @@ def _contents(file: IO[bytes]) -> bytes:
     separately, and a seek between the two put the newline over the line's first
     byte, so the ready line was never seen (CI, twice).
     """
-    data = b""
-    while chunk := os.pread(file.fileno(), 1 << 16, len(data)):
-        data += chunk
-    return data
+    return os.pread(file.fileno(), os.fstat(file.fileno()).st_size, 0)
 
 
 def _process_state(pid: int) -> str:
@@ -868,8 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    if hasattr(signal, "SIGUSR1"):  # SimulatedServer asks for the stacks of a child that never gets ready
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # SimulatedServer asks for the stacks of a child that never gets ready
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def ready(url: str) -> None:
         print(READY_PREFIX + url, flush=True)
