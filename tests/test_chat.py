@@ -254,7 +254,9 @@ def test_terminal_session_on_the_embedded_model(embedded_server: str, tmp_path: 
         assert answer, text
         assert len(arrivals) >= 2 and arrivals[-1] - arrivals[0] > 0.05, arrivals
 
-        child.expect_exact("you>")
+        # the last read may already hold the next prompt (seen in CI): expect only what is still to come
+        if "you>" not in text.split("tokens in", 1)[1]:
+            child.expect_exact("you>")
         child.sendline("/stats")
         child.expect_exact("requests: 1 (1 chat, 0 batch), ok: 1, errors: 0")
         child.expect(r"latency: p50 [\d.]+ s, p95 [\d.]+ s")
