@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -515,6 +515,19 @@ def _run(
     ledger = Ledger(ledger_path).open()
     skipped: list[LineProblem] = []
     node_server_cfg = None
+
+    def end_backend() -> None:
+        """Shut the backend down (Parsl: its blocks too), note when the blocks ended, stop the driver's model server."""
+        try:
+            if backend is not None:
+                _update_blocks(meta, earlier, backend, run_dir)
+                backend.shutdown()
+                _update_blocks(meta, earlier, backend, run_dir)
+        finally:
+            if server is not None:
+                server.stop()
+            stop_file.unlink(missing_ok=True)
+
     try:
         if how == "driver":
             from .server import ModelServer
@@ -577,37 +590,36 @@ def _run(
     except KeyboardInterrupt:
         stop.reason = stop.reason or "interrupted"
         stop.hard = True
-    finally:
-        if backend is not None:
-            _update_blocks(meta, earlier, backend, run_dir)
-            backend.shutdown()
-            _update_blocks(meta, earlier, backend, run_dir)
-        if server is not None:
-            server.stop()
-        try:
-            ledger.close()
-        except OSError:
-            pass  # the failed write is reported below; complete lines are already on disk
-        stop_file.unlink(missing_ok=True)
+    except BaseException:
+        _close_ledger(ledger)
+        end_backend()
+        raise
 
+    # Every row is in the ledger once dispatch returns: close it, then write the results files
+    # while the backend shuts down in another thread (Parsl's cleanup takes 0.2-0.5 s here,
+    # longer where SLURM blocks are cancelled). Its errors are raised again by join().
+    _close_ledger(ledger)
+    ending = _InBackground(end_backend, name="parsl-chat-shutdown")
     # Signals stay handled until the results and summary are written: a batch job's warning
     # that arrives now (seen: during Parsl's shutdown) must not kill the driver mid-write.
     try:
-        count = write_results(run_dir)
+        try:
+            count = write_results(run_dir)
+        except OSError as exc:
+            raise _cannot_write(run_dir, exc, stop) from None
+        finally:
+            ending.join()  # run.json and the summary need the blocks' ended_at
         meta["finished_at"] = iso(time.time())
-        failed = _failed_count(run_dir)
-        prompts = scanned.valid + len(skipped)
-        max_count, max_share = parse_max_failures(settings.run.max_failures)
-        allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
-        interrupted = bool(stop) and count < prompts  # a stop after the last answer leaves nothing to resume
-        meta["status"] = "interrupted" if interrupted else "failed" if failed > allowed else "complete"
-        summary = _write_summary(run_dir, meta)  # once, with the final status: it reads every row
-    except OSError as exc:
-        raise RunInterrupted(
-            f"cannot write the results in {run_dir}: {exc.strerror} ({stop.reason or 'after the last prompt'}); "
-            "every answer recorded so far is in ledger.jsonl",
-            hint=f"free space (or raise the quota), then finish with: parsl-chat run --resume {run_dir}",
-        ) from None
+        try:
+            failed = _failed_count(run_dir)
+            prompts = scanned.valid + len(skipped)
+            max_count, max_share = parse_max_failures(settings.run.max_failures)
+            allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
+            interrupted = bool(stop) and count < prompts  # a stop after the last answer leaves nothing to resume
+            meta["status"] = "interrupted" if interrupted else "failed" if failed > allowed else "complete"
+            summary = _write_summary(run_dir, meta)  # once, with the final status: it reads every row
+        except OSError as exc:
+            raise _cannot_write(run_dir, exc, stop) from None
     finally:
         _restore_signals(previous_handlers)
     if interrupted:
@@ -626,6 +638,43 @@ def _run(
             f"re-send the failed ones with: parsl-chat run --resume {run_dir} --retry-failed",
         )
     return RunOutcome(run_dir, 0, summary, message)
+
+
+class _InBackground:
+    """``fn()`` in a thread of its own; :meth:`join` waits for it and raises what it raised."""
+
+    def __init__(self, fn: Callable[[], None], name: str) -> None:
+        self._error: BaseException | None = None
+        # not a daemon: should the main thread die first, the interpreter still waits for the cleanup
+        self._thread = threading.Thread(target=self._call, args=(fn,), name=name)
+        self._thread.start()
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # raised again by join(), in the thread that waits for it
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _close_ledger(ledger: Ledger) -> None:
+    try:
+        ledger.close()
+    except OSError:
+        pass  # the failed write is reported by the results; complete lines are already on disk
+
+
+def _cannot_write(run_dir: Path, exc: OSError, stop: _Stop) -> RunInterrupted:
+    return RunInterrupted(
+        f"cannot write the results in {run_dir}: {exc.strerror} ({stop.reason or 'after the last prompt'}); "
+        "every answer recorded so far is in ledger.jsonl",
+        hint=f"free space (or raise the quota), then finish with: parsl-chat run --resume {run_dir}",
+    )
 
 
 def _clean_previous_driver(previous: dict[str, Any], console: Console) -> None:

@@ -295,3 +295,51 @@ def test_a_signal_after_the_last_answer_still_ends_complete(sim_server, tmp_path
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert len(pd.read_parquet(out / "results.parquet")) == 30
     assert signal.getsignal(signal.SIGTERM) == before  # handlers restored once the results are written
+
+
+def test_results_are_written_while_the_backend_shuts_down(sim_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parsl's cleanup (longer where SLURM cancels blocks) overlaps writing the results files: the
+    # blocks' end still reaches run.json, and an error in the shutdown still ends the run with it.
+    import io
+    import signal
+    import time
+
+    from rich.console import Console
+
+    import parsl_chat.runner as runner_mod
+    from parsl_chat.executor import InProcessBackend
+
+    server = sim_server()
+    shutdown = InProcessBackend.shutdown
+    seen: dict[str, bool] = {}
+
+    def slow_shutdown(self: InProcessBackend) -> None:
+        results = out / "results.parquet"
+        deadline = time.monotonic() + 20
+        while not results.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen["results_before_shutdown_ended"] = results.exists()
+        shutdown(self)
+
+    def options(out: Path) -> runner_mod.RunOptions:
+        return runner_mod.RunOptions(
+            prompts=str(EXAMPLES / "prompts.jsonl"), out=out, no_parsl=True, quiet=True,
+            cli_settings={"endpoint": server.url, "model": "sim"},
+        )  # fmt: skip
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(InProcessBackend, "shutdown", slow_shutdown)
+    outcome = runner_mod.execute_run(options(out), Console(file=io.StringIO()))
+    assert outcome.exit_code == 0 and seen["results_before_shutdown_ended"]
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["blocks"] and all(b["ended_at"] for b in meta["blocks"])
+
+    def failing_shutdown(self: InProcessBackend) -> None:
+        shutdown(self)
+        raise RuntimeError("cleanup failed")
+
+    monkeypatch.setattr(InProcessBackend, "shutdown", failing_shutdown)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        runner_mod.execute_run(options(tmp_path / "failing"), Console(file=io.StringIO()))
+    assert signal.getsignal(signal.SIGTERM) == before
