@@ -343,3 +343,14 @@ def test_results_are_written_while_the_backend_shuts_down(sim_server, tmp_path: 
     with pytest.raises(RuntimeError, match="cleanup failed"):
         runner_mod.execute_run(options(tmp_path / "failing"), Console(file=io.StringIO()))
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_the_start_of_a_run_does_not_import_pyarrow_or_pandas() -> None:
+    # the end of the run imports them in a background thread once the first requests are out
+    import subprocess
+    import sys
+
+    code = "import sys, parsl_chat.cli, parsl_chat.runner; print(sorted({'pyarrow', 'pandas'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
