@@ -99,6 +99,8 @@ SUMMARY_COLUMNS = tuple(
 _SPARSE_COLUMNS = ("custom_id", "error")
 #: columns with few distinct values: :func:`summarize_run` holds them as categories (a byte or two per row)
 _LABEL_COLUMNS = ("agent", "model", "hostname", "node", "worker", "block", "job_id", "status", "error_type")
+#: nullable integer types :func:`summarize_run` holds counts in when they fit (attempts: a byte, not eight)
+_NARROW_INTS = ("Int8", "Int16", "Int32")
 
 
 def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -248,8 +250,13 @@ def _is_normal(df: pd.DataFrame, columns: Iterable[str]) -> bool:
         if column not in df.columns:
             return False
         actual = df[column].dtype
-        if str(actual) != dtype and not (dtype == "str" and isinstance(actual, pd.CategoricalDtype)):
-            return False
+        if str(actual) == dtype:
+            continue
+        if dtype == "str" and isinstance(actual, pd.CategoricalDtype):
+            continue
+        if dtype == "Int64" and str(actual) in _NARROW_INTS:
+            continue
+        return False
     return True
 
 
@@ -317,10 +324,12 @@ def seconds_since(series: pd.Series, origin: pd.Timestamp) -> np.ndarray:
     if unit is None or pd.Timestamp(origin).tzinfo is None:
         delta = series - origin
         return np.asarray(delta.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan))
-    # straight from the integer ticks: no timedelta and float Series in between (a million rows, ~40 MB)
+    # straight from the integer ticks, in place: one float array, no timedelta or float Series in between
     ticks = series.array.asi8
     per_second = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[unit]
-    out = (ticks - pd.Timestamp(origin).as_unit(unit).value) / per_second
+    out = ticks.astype(np.float64)  # exact: ticks of these units stay below 2**53 until the year 2255
+    out -= pd.Timestamp(origin).as_unit(unit).value
+    out /= per_second
     out[ticks == np.iinfo(np.int64).min] = np.nan
     return out
 
@@ -352,17 +361,19 @@ def _merged(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarra
     if not ok.any():
         return np.zeros(0), np.zeros(0)
     order = np.argsort(starts[ok], kind="stable")
-    s, e = starts[ok][order], ends[ok][order]
-    reach = np.maximum.accumulate(e)
+    return _merged_sorted(starts[ok][order], ends[ok][order])
+
+
+def _merged_sorted(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_merged` of intervals already sorted by start; ``ends`` is overwritten (no copy of a million rows)."""
+    reach = np.maximum.accumulate(ends, out=ends)  # the latest end so far
     # a new merged segment begins where an interval starts after everything before it ended
-    new = np.empty(s.size, dtype=bool)
+    new = np.empty(starts.size, dtype=bool)
     new[0] = True
-    new[1:] = s[1:] > reach[:-1]
-    seg = np.cumsum(new) - 1
-    seg_start = s[new]
-    seg_end = np.zeros(seg_start.size)
-    np.maximum.at(seg_end, seg, e)
-    return seg_start, seg_end
+    np.greater(starts[1:], reach[:-1], out=new[1:])
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, starts.size - 1)  # a segment ends with the reach of its last interval
+    return starts[first], reach[last]
 
 
 def _run(df: pd.DataFrame) -> dict[str, Any]:
@@ -524,7 +535,13 @@ def _read_compact(parquet: Path) -> pd.DataFrame:
     labels = [c for c in _LABEL_COLUMNS if c in names]
     file = pq.ParquetFile(parquet, read_dictionary=labels)
     # pandas' own types directly: nullable integers and "str" strings, no object detour
-    mapping = {pa.int64(): pd.Int64Dtype(), pa.string(): pd.StringDtype("pyarrow", na_value=np.nan)}.get
+    mapping = {
+        pa.int8(): pd.Int8Dtype(),
+        pa.int16(): pd.Int16Dtype(),
+        pa.int32(): pd.Int32Dtype(),
+        pa.int64(): pd.Int64Dtype(),
+        pa.string(): pd.StringDtype("pyarrow", na_value=np.nan),
+    }.get
     rows = pd.RangeIndex(file.metadata.num_rows)
     df = pd.DataFrame(index=rows)  # filled column by column: no consolidating copy of the whole frame
     for name in SUMMARY_COLUMNS:
@@ -535,7 +552,7 @@ def _read_compact(parquet: Path) -> pd.DataFrame:
             df[name] = pd.Series(index=rows, dtype=RESULT_COLUMNS[name])
         else:
             # one thread, and the column's Arrow memory handed back before the next: no pool growth
-            column = file.read(columns=[name], use_threads=False).column(0)
+            column = _narrowed(file.read(columns=[name], use_threads=False).column(0))
             df[name] = column.to_pandas(types_mapper=None if name in labels else mapping)
             del column
             pa.default_memory_pool().release_unused()
@@ -547,6 +564,22 @@ def _read_compact(parquet: Path) -> pd.DataFrame:
     if not _is_normal(df, SUMMARY_COLUMNS):  # e.g. a column written with another type: the general path
         df = normalize(df)
     return df
+
+
+def _narrowed(column: Any) -> Any:
+    """An int64 Arrow column in the narrowest of :data:`_NARROW_INTS` that holds its values (else as it is)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column.type != pa.int64() or column.null_count == len(column):
+        return column
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    for kind in (pa.int8(), pa.int16(), pa.int32()):
+        info = np.iinfo(kind.to_pandas_dtype())
+        if info.min <= low and high <= info.max:
+            return column.cast(kind)
+    return column
 
 
 def _row_groups(file: Any) -> list[tuple[int, int]]:
@@ -565,7 +598,7 @@ def _fill_rows(df: pd.DataFrame, file: Any, name: str, positions: np.ndarray) ->
     for i, (first, count) in enumerate(_row_groups(file)):
         lo, hi = np.searchsorted(positions, [first, first + count])
         if hi > lo:
-            column = file.read_row_group(i, columns=[name]).column(0)
+            column = file.read_row_group(i, columns=[name], use_threads=False).column(0)  # no thread pool: ~10 MB
             values += column.take(positions[lo:hi] - first).to_pylist()
     if len(positions):
         # held as categories: a byte per row plus the few strings read
@@ -586,7 +619,8 @@ def _fill_first_errors(df: pd.DataFrame, file: Any) -> None:
     for i, (first, count) in enumerate(_row_groups(file)):
         if not failed[first : first + count].any():
             continue
-        has_message = file.read_row_group(i, columns=["error"]).column(0).is_valid().to_numpy(zero_copy_only=False)
+        messages = file.read_row_group(i, columns=["error"], use_threads=False).column(0)
+        has_message = messages.is_valid().to_numpy(zero_copy_only=False)
         for offset in np.flatnonzero(failed[first : first + count] & has_message):
             kind = int(kinds[first + offset])
             if kind not in seen:
@@ -735,17 +769,25 @@ def _group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict
     """
     labels = [_label(series, "unknown") for series in keys.values()]
     group = np.zeros(len(df), dtype=np.int64)
+    space = 1
     for label in labels:
-        group = group * len(label.cat.categories) + label.cat.codes.to_numpy()
-    present, inverse = np.unique(group, return_inverse=True)
-    prompts = np.bincount(inverse, minlength=len(present))
-    ok = np.bincount(inverse, weights=_ok(df).to_numpy(dtype=float), minlength=len(present))
-    busy = np.bincount(inverse, weights=df["latency_s"].to_numpy(dtype=float, na_value=0.0), minlength=len(present))
-    tokens = np.bincount(
-        inverse, weights=df["completion_tokens"].to_numpy(dtype=float, na_value=0.0), minlength=len(present)
-    )
+        group *= len(label.cat.categories)
+        group += label.cat.codes.to_numpy()
+        space *= len(label.cat.categories)
+    if space > 2 * len(df) + 1024:  # sparse combinations (many nodes x many workers): number the present ones
+        present, group = np.unique(group, return_inverse=True)
+        space = len(present)
+    else:  # counted straight on the codes: no sort, no second array per row
+        present = None
+    prompts = np.bincount(group, minlength=space)
+    ok = np.bincount(group, weights=_ok(df).to_numpy(dtype=float), minlength=space)
+    busy = np.bincount(group, weights=df["latency_s"].to_numpy(dtype=float, na_value=0.0), minlength=space)
+    tokens = np.bincount(group, weights=df["completion_tokens"].to_numpy(dtype=float, na_value=0.0), minlength=space)
+    del group
+    kept = np.flatnonzero(prompts)  # groups that have rows (all of them when numbered)
+    combined = kept if present is None else present[kept]
     records = []
-    for i, code in enumerate(present.tolist()):
+    for i, code in zip(kept.tolist(), combined.tolist(), strict=True):
         names: list[str] = []
         for label in reversed(labels):
             code, own = divmod(code, len(label.cat.categories))
@@ -803,20 +845,35 @@ def _agents(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> l
     return out
 
 
-def _union_by_group(keys: pd.Series, starts: np.ndarray, ends: np.ndarray) -> dict[str, float]:
-    """:func:`busy_union_s` for every group of ``keys`` at once.
+def _union_by_group(keys: pd.Series, started: pd.Series, finished: pd.Series) -> dict[str, float]:
+    """:func:`busy_union_s` of the ``started`` -> ``finished`` intervals for every group of ``keys`` at once.
 
-    Each group's intervals are shifted into a time range of their own, so one
-    merge over all of them never joins two groups (numpy only: flat memory).
+    The intervals are sorted by group, then start, and each group is shifted
+    into a time range of its own, so one merge over all of them never joins
+    two groups. Numpy only, gathered once in sorted order: a million rows cost
+    three arrays of a number per row.
     """
     labels = _label(keys, "unknown")
-    codes = labels.cat.codes.to_numpy().astype(np.float64)
+    codes = labels.cat.codes.to_numpy()
+    starts, ends = _epoch_s(started), _epoch_s(finished)
     known = ~(np.isnan(starts) | np.isnan(ends)) & (ends >= starts)
     if not known.any():
         return {}
     origin = float(np.min(starts[known]))
     width = float(np.max(ends[known])) - origin + 1.0
-    seg_start, seg_end = _merged(starts - origin + codes * width, ends - origin + codes * width)
+    order = np.lexsort((starts, codes))  # by group, then start; stable
+    if not known.all():
+        order = order[known[order]]
+    del known
+    starts, ends = starts[order], ends[order]
+    shift = (np.arange(len(labels.cat.categories), dtype=np.float64) * width)[codes[order]]
+    del order
+    for bounds in (starts, ends):
+        bounds -= origin
+        bounds += shift
+    del shift
+    seg_start, seg_end = _merged_sorted(starts, ends)
+    del starts, ends
     group = np.floor(seg_start / width).astype(np.int64)
     lengths = np.bincount(group, weights=seg_end - seg_start, minlength=len(labels.cat.categories))
     seen = np.bincount(group, minlength=len(labels.cat.categories)) > 0
@@ -836,7 +893,7 @@ def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
     place = _place(df)
     records = _group_records(df, {"node": place})
     total_busy = float(sum(r["busy_s"] for r in records))
-    active = _union_by_group(place, _epoch_s(df["started_at"]), _epoch_s(df["finished_at"]))
+    active = _union_by_group(place, df["started_at"], df["finished_at"])
     host = _category(df["hostname"])
     host_codes = host.cat.codes.to_numpy().astype(np.int64)
     has_host = host_codes >= 0
@@ -937,7 +994,7 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
         out_blocks.append(entry)
         for node in nodes:
             node_alloc[node] = node_alloc.get(node, 0.0) + (entry["duration_s"] or 0.0)
-    union = _union_by_group(place, _epoch_s(df["started_at"]), _epoch_s(df["finished_at"]))
+    union = _union_by_group(place, df["started_at"], df["finished_at"])
     per_node: list[dict[str, Any]] = []
     for node, allocated in node_alloc.items():
         busy = union.get(node, 0.0)

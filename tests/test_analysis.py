@@ -392,6 +392,44 @@ def test_summarize_run_reads_compactly_and_agrees(tmp_path: Path) -> None:
     assert len(compact["slowest"]) == 5 and {s["latency_s"] for s in compact["slowest"]} == {2.5}
 
 
+def test_summarize_run_agrees_with_many_groups_and_wide_counts(tmp_path: Path) -> None:
+    """More node x worker pairs than rows (grouping numbers the pairs present) and token counts beyond
+    32 bits (held as Int64; attempts fit a byte): the compact read still gives what load_run gives."""
+    rows = [
+        row(f"q{i:03d}", node=f"n{i % 47}", worker=f"w{(i * 7) % 43}", start=(i % 9) * 0.5, latency=1.0 + i % 3,
+            prompt_tokens=3_000_000_000 + i, completion_tokens=i, attempts=1 + i % 2)
+        for i in range(90)
+    ]  # fmt: skip
+    run_dir = make_run(tmp_path / "r", rows, run_meta("r"))
+    compact = summarize_run(run_dir)
+    assert compact == json.loads(json.dumps(summarize(load_run(run_dir))))
+    assert compact["tokens"]["prompt"] == 90 * 3_000_000_000 + sum(range(90))
+    assert len(compact["workers"]) == len({(f"n{i % 47}", f"w{(i * 7) % 43}") for i in range(90)})
+
+
+def test_union_by_group_matches_busy_union_per_group() -> None:
+    import numpy as np
+
+    from parsl_chat.analysis import _union_by_group
+
+    rng = np.random.default_rng(3)
+    n = 400
+    keys = pd.Series(rng.choice(["a", "b", "c"], n))
+    keys[::37] = None  # missing keys are grouped as "unknown"
+    start = rng.uniform(0, 50, n)
+    end = start + rng.uniform(-0.5, 3, n)  # some end before they start: ignored
+    start[::29] = np.nan
+    stamps = pd.Timestamp("2026-01-01", tz="UTC")
+    started = stamps + pd.to_timedelta(pd.Series(start), unit="s")
+    finished = stamps + pd.to_timedelta(pd.Series(end), unit="s")
+    union = _union_by_group(keys, started, finished)
+    epoch_start = (started - stamps).dt.total_seconds().to_numpy()
+    epoch_end = (finished - stamps).dt.total_seconds().to_numpy()
+    for name in ("a", "b", "c", "unknown"):
+        mask = (keys.fillna("unknown") == name).to_numpy()
+        assert union[name] == approx(busy_union_s(epoch_start[mask], epoch_end[mask]), abs=1e-6)
+
+
 def test_busy_union() -> None:
     import numpy as np
 
