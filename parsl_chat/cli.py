@@ -7,6 +7,7 @@ an exit code; everything else raises.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -83,6 +84,10 @@ def _print_error(exc: ParslChatError, debug: bool) -> None:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Push many chat prompts through LLM agents with Parsl, and measure how well it went."""
     ctx.obj = {"debug": debug}
+    # Arrow's allocator: the C library's, unless the user chose one. The pyarrow wheels' default
+    # (mimalloc) keeps pages freed across threads, as the JSON reader's are, for good: 25-40 MB
+    # more at the end of a run, measured in BENCHMARKS.md §3. Set before pyarrow is first imported.
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     if debug:
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
 
