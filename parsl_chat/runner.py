@@ -934,7 +934,8 @@ class WarmStartBackend:
     each agent's whole concurrency; then those chunks are drained (a file their slots check:
     no new request, requests in flight finish), their unstarted items are sent again to Parsl
     by the dispatcher, and only once the in-process requests are over do chunks go to Parsl,
-    so an agent's concurrency limit holds throughout.
+    so an agent's concurrency limit holds throughout. A run that ends before the hand-over
+    stops Parsl as soon as Parsl's own start is over, without waiting for its workers.
     """
 
     def __init__(self, parsl: Any, threads: int, drain_file: Path, stop_file: Path) -> None:
@@ -944,7 +945,8 @@ class WarmStartBackend:
         self.local = InProcessBackend(threads)
         self.drain_file = drain_file
         self.stop_file = stop_file
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # Parsl's workers can take over (or Parsl failed, or the run ended)
+        self._wake = threading.Event()  # a warm-up task came back, or the run is ending
         self._error: BaseException | None = None
         self._local: set[Future[list[dict[str, Any]]]] = set()
         self._handed_over = False
@@ -964,7 +966,10 @@ class WarmStartBackend:
         def boot() -> None:
             try:
                 self.parsl.start()
-                wait(self.parsl.warm_up(), return_when=FIRST_COMPLETED)
+                if not self._wake.is_set():
+                    for future in self.parsl.warm_up():
+                        future.add_done_callback(lambda _: self._wake.set())
+                    self._wake.wait()
             except BaseException as exc:  # reported by the next submit()
                 self._error = exc
             self.handover_s = time.monotonic() - started
@@ -994,8 +999,13 @@ class WarmStartBackend:
     def shutdown(self) -> None:
         self.drain_file.touch()
         self.local.shutdown()
+        if not self._handed_over:
+            # the run ended before the hand-over: no waiting for Parsl's workers to come up
+            # (seconds), only for Parsl's own start, so that its cleanup finds all it started
+            log.info("warm start: the run ended before Parsl's workers took over; stopping Parsl")
+            self._wake.set()
         self._ready.wait(timeout=60)  # never leave a half-started Parsl behind
-        self.parsl.shutdown()
+        self.parsl.shutdown()  # cancels the block being started (worker pool) and ends the interchange
         self.drain_file.unlink(missing_ok=True)
 
 

@@ -354,3 +354,46 @@ def test_the_start_of_a_run_does_not_import_pyarrow_or_pandas() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_run_ending_before_the_warm_start_hand_over_stops_parsl_at_once(sim_server, tmp_path: Path) -> None:
+    # Every prompt is answered in-process while Parsl's worker pool is still starting (held back
+    # a minute here): the run must not wait for it, and must leave none of Parsl's processes behind.
+    import time
+    import uuid
+
+    import psutil
+
+    server = sim_server()
+    out = tmp_path / "run"
+    # what the driver starts inherits both (the interchange renames itself, which hides its environment)
+    token, cwd = f"warm-start-test-{uuid.uuid4().hex}", tmp_path / "cwd"
+    cwd.mkdir()
+    began = time.monotonic()
+    result = run_cli(
+        "run", str(EXAMPLES / "prompts.jsonl"), "--endpoint", server.url, "--model", "sim", "--out", str(out),
+        env={"PARSL_CHAT_WORKER_INIT": "sleep 61.5", "WARM_START_TEST_TOKEN": token}, timeout=180, cwd=cwd,
+    )  # fmt: skip
+    took = time.monotonic() - began
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 30 and df.block.isna().all()  # all answered before any Parsl worker was up
+    assert took < 30, f"the run took {took:.1f} s: it waited for Parsl's workers"
+    assert "ended before Parsl's workers took over" in (out / "logs" / "parsl-chat.log").read_text()
+
+    def left_behind() -> list[str]:
+        found = []
+        for proc in psutil.process_iter(["status", "cmdline"]):
+            try:
+                if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                if proc.environ().get("WARM_START_TEST_TOKEN") == token or proc.cwd() == str(cwd):
+                    found.append(" ".join(proc.info["cmdline"] or [])[:120])
+            except psutil.Error:
+                continue
+        return found
+
+    deadline = time.monotonic() + 15  # a killed process may take a moment to go
+    while left_behind() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left_behind() == []  # no interchange, worker pool, or its start-up script
