@@ -182,6 +182,22 @@ async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any
             stop_checked[1] = os.path.exists(task.stop_file)
         return bool(stop_checked[1])
 
+    def worth_taking(idx: int) -> bool:
+        """least_loaded: a slow agent leaves the chunk's last shared items to faster ones.
+
+        It takes one only if the faster agents' free-running slots would not clear the
+        queue before its own answer came back; otherwise the chunk would end waiting for it.
+        """
+        mine = limits[idx].latency_s
+        if mine is None:
+            return True
+        faster = sum(
+            slots / lim.latency_s
+            for j, (lim, slots) in enumerate(zip(limits, task.slots, strict=True))
+            if j != idx and lim.latency_s is not None and lim.latency_s < mine
+        )
+        return len(shared) > faster * mine
+
     async def slot_loop(idx: int) -> None:
         agent, lim = agents[idx], limits[idx]
         while True:
@@ -191,7 +207,7 @@ async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any
                 item = own[idx].popleft()
             elif shared:
                 await lim.wait_for_server_queue(client, agent)
-                if not shared:
+                if not shared or not worth_taking(idx):
                     return
                 item = shared.popleft()
             else:
@@ -250,6 +266,8 @@ async def _run_item(
                     should_stop=stopping,
                 )
                 if outcome.status == "ok":
+                    if outcome.finished_at is not None and outcome.started_at is not None:
+                        lim.observe_latency(outcome.finished_at - outcome.started_at)
                     lim.on_success(outcome.completion_tokens or 0, outcome.prompt_tokens or 0)
         rows.append(_row(prompt, agent, outcome, item.submitted_at, place))
         if outcome.status != "ok" and failed_turn is None and prompt.get("conversation") is not None:

@@ -125,6 +125,7 @@ class AgentLimits:
             self.tokens = TokenBucket(tokens_per_minute)
         self._metrics_checked = 0.0
         self._server_waiting = 0
+        self.latency_s: float | None = None  # moving average of this agent's answer time (least_loaded)
 
     def __repr__(self) -> str:
         return f"AgentLimits(window={self.window:.1f}/{self.max_slots}, in_flight={self.in_flight})"
@@ -153,6 +154,10 @@ class AgentLimits:
         if self.tokens.rate > 0:
             chars = sum(len(str(m.get("content", ""))) for m in prompt.get("messages", ()))
             await self.tokens.take(max(1, chars // 4))
+
+    def observe_latency(self, seconds: float) -> None:
+        """Exponential moving average of answer times; least_loaded uses it to leave the last items to faster agents."""
+        self.latency_s = seconds if self.latency_s is None else 0.8 * self.latency_s + 0.2 * seconds
 
     def on_success(self, completion_tokens: int, prompt_tokens: int) -> None:
         self.tokens.charge(completion_tokens)
