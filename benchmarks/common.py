@@ -57,15 +57,19 @@ def build_proposed_tree(work: Path, log: Callable[[str], None] = print) -> Path 
     """Copy parsl_chat/ and configs/ to ``work/proposed`` and apply benchmarks/proposals/*.diff there.
 
     Runs with ``PYTHONPATH=<tree>`` then import the patched package (workers too: they inherit the
-    environment). None when a patch no longer applies (the product moved on).
+    environment). None when a patch no longer applies (the product moved on) or when there is none.
     """
+    diffs = sorted((BENCH_DIR / "proposals").glob("*.diff"))
+    if not diffs:
+        log("  no proposals in benchmarks/proposals/: nothing to compare against")
+        return None
     tree = work / "proposed"
     if tree.exists():
         shutil.rmtree(tree)
     tree.mkdir(parents=True)
     shutil.copytree(REPO / "parsl_chat", tree / "parsl_chat", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "configs", tree / "configs")
-    for diff in sorted((BENCH_DIR / "proposals").glob("*.diff")):
+    for diff in diffs:
         done = subprocess.run(
             ["patch", "-p1", "-s", "--no-backup-if-mismatch", "-d", str(tree), "-i", str(diff)], capture_output=True, text=True
         )
