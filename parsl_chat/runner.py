@@ -602,8 +602,9 @@ def _run(
         raise
 
     # Every row is in the ledger once dispatch returns: close it, then write the results files
-    # while the backend shuts down in another thread (Parsl's cleanup takes 0.2-0.5 s here,
-    # longer where SLURM blocks are cancelled). Its errors are raised again by join().
+    # while the backend shuts down in another thread (Parsl's cleanup: 0.05-0.5 s on one machine,
+    # more where SLURM blocks are cancelled or a warm start's Parsl is still starting). Its errors
+    # are raised again by join().
     _close_ledger(ledger)
     ending = _InBackground(end_backend, name="parsl-chat-shutdown")
     # Signals stay handled until the results and summary are written: a batch job's warning
