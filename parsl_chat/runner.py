@@ -589,7 +589,7 @@ def _run(
                 deadline=deadline,
                 grace_s=opts.grace_s,
                 on_tick=lambda: _update_blocks(meta, earlier, backend, run_dir),
-                on_submitted=preload.start,
+                on_turn=preload.start_if_idle,
             )
         if skipped:
             ledger.append(_invalid_rows(skipped, agents))
@@ -656,14 +656,33 @@ def write_results(run_dir: Path) -> int:
 
 
 class _Preload:
-    """Imports modules in a daemon thread: what the end of the run needs, while requests run."""
+    """Imports modules in a daemon thread, while the driver has CPU to spare: what the end of the run needs.
+
+    The driver is mostly idle while requests run (Parsl's workers, or in-process requests waiting
+    on the endpoint), and then the imports come free. Where it is busy (in-process requests to a
+    fast endpoint) they would only slow the requests, by more than they save at the end (measured:
+    +0.38 s wall, +0.16 s CPU on 2,000 prompts at 0 ms), so the end pays for them as before.
+    """
+
+    IDLE_SHARE = 0.25  #: of one core, over WINDOW_S at least
+    WINDOW_S = 0.5
 
     def __init__(self, modules: tuple[str, ...]) -> None:
         self.modules = modules
         self._thread: threading.Thread | None = None
+        self._since: tuple[float, float] | None = None  # (wall, this process's CPU) when measuring began
 
-    def start(self) -> None:
-        if self._thread is None:
+    def start_if_idle(self) -> None:
+        """Called as dispatch turns: starts the imports once the driver used under IDLE_SHARE of a core."""
+        if self._thread is not None:
+            return
+        now = (time.monotonic(), time.process_time())
+        if self._since is None or now[0] - self._since[0] < self.WINDOW_S:
+            self._since = self._since or now
+            return
+        busy = (now[1] - self._since[1]) / (now[0] - self._since[0])
+        self._since = now
+        if busy < self.IDLE_SHARE:
             self._thread = threading.Thread(target=self._load, name="parsl-chat-preload", daemon=True)
             self._thread.start()
 
@@ -813,11 +832,11 @@ def _dispatch(
     deadline: float | None,
     grace_s: float,
     on_tick: Any,
-    on_submitted: Callable[[], None] | None = None,
+    on_turn: Callable[[], None] | None = None,
 ) -> None:
     """Keep ``in_flight`` chunks submitted; record each chunk's rows as it returns.
 
-    ``on_submitted`` is called once, when the first chunks are out.
+    ``on_turn`` is called on every turn of the loop once chunks are out, before waiting for results.
     """
     pending: dict[Future[list[dict[str, Any]]], tuple[ChunkTask, int]] = {}
     chunk_id = 0
@@ -858,9 +877,8 @@ def _dispatch(
             chunk_id += 1
         if not pending:
             return
-        if on_submitted is not None:
-            on_submitted()
-            on_submitted = None
+        if on_turn is not None:
+            on_turn()
         timeout = 1.0 if grace_until is None else max(0.0, min(1.0, grace_until - time.monotonic()))
         done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:

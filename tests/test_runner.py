@@ -397,3 +397,17 @@ def test_a_run_ending_before_the_warm_start_hand_over_stops_parsl_at_once(sim_se
     while left_behind() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left_behind() == []  # no interchange, worker pool, or its start-up script
+
+
+def test_the_end_of_run_imports_start_once_the_driver_is_idle() -> None:
+    import time
+
+    from parsl_chat.runner import _Preload
+
+    preload = _Preload(("json",))
+    preload.start_if_idle()  # the first turn only starts measuring
+    assert preload._thread is None
+    time.sleep(preload.WINDOW_S + 0.1)  # an idle driver: requests wait on the endpoint or on Parsl's workers
+    preload.start_if_idle()
+    assert preload._thread is not None
+    preload.wait()
