@@ -848,36 +848,44 @@ def _agents(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> l
 def _union_by_group(keys: pd.Series, started: pd.Series, finished: pd.Series) -> dict[str, float]:
     """:func:`busy_union_s` of the ``started`` -> ``finished`` intervals for every group of ``keys`` at once.
 
-    The intervals are sorted by group, then start, and each group is shifted
-    into a time range of its own, so one merge over all of them never joins
-    two groups. Numpy only, gathered once in sorted order: a million rows cost
-    three arrays of a number per row.
+    One sort by group, then start, on the timestamps' integer ticks (views, no
+    conversion); then each group's run of intervals is merged in place. A million
+    rows cost three arrays of a number per row.
     """
     labels = _label(keys, "unknown")
-    codes = labels.cat.codes.to_numpy()
-    starts, ends = _epoch_s(started), _epoch_s(finished)
-    known = ~(np.isnan(starts) | np.isnan(ends)) & (ends >= starts)
-    if not known.any():
-        return {}
-    origin = float(np.min(starts[known]))
-    width = float(np.max(ends[known])) - origin + 1.0
-    order = np.lexsort((starts, codes))  # by group, then start; stable
+    starts, per_second = _ticks(started)
+    ends, _ = _ticks(finished, like=started)
+    missing = np.iinfo(np.int64).min  # NaT
+    known = (starts != missing) & (ends != missing) & (ends >= starts)
+    order = np.lexsort((starts, labels.cat.codes.to_numpy()))
     if not known.all():
         order = order[known[order]]
     del known
+    codes = labels.cat.codes.to_numpy()[order]
     starts, ends = starts[order], ends[order]
-    shift = (np.arange(len(labels.cat.categories), dtype=np.float64) * width)[codes[order]]
     del order
-    for bounds in (starts, ends):
-        bounds -= origin
-        bounds += shift
-    del shift
-    seg_start, seg_end = _merged_sorted(starts, ends)
-    del starts, ends
-    group = np.floor(seg_start / width).astype(np.int64)
-    lengths = np.bincount(group, weights=seg_end - seg_start, minlength=len(labels.cat.categories))
-    seen = np.bincount(group, minlength=len(labels.cat.categories)) > 0
-    return {str(name): float(lengths[i]) for i, name in enumerate(labels.cat.categories) if seen[i]}
+    bounds = np.searchsorted(codes, np.arange(len(labels.cat.categories) + 1))
+    union = {}
+    for i, name in enumerate(labels.cat.categories):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        if hi > lo:
+            seg_start, seg_end = _merged_sorted(starts[lo:hi], ends[lo:hi])
+            union[str(name)] = float(np.sum(seg_end - seg_start)) / per_second
+    return union
+
+
+def _ticks(series: pd.Series, like: pd.Series | None = None) -> tuple[np.ndarray, float]:
+    """The integer ticks of a timestamp column (a view where it can be) and ticks per second.
+
+    With ``like``, in the same unit as that column.
+    """
+    if not pd.api.types.is_datetime64_any_dtype(series.dtype):
+        series = pd.to_datetime(series, utc=True)
+    model = like if like is not None and pd.api.types.is_datetime64_any_dtype(like.dtype) else series
+    unit = str(model.dt.unit)
+    if str(series.dt.unit) != unit:
+        series = series.dt.as_unit(unit)
+    return series.array.asi8, {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[unit]
 
 
 def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
@@ -894,16 +902,12 @@ def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
     records = _group_records(df, {"node": place})
     total_busy = float(sum(r["busy_s"] for r in records))
     active = _union_by_group(place, df["started_at"], df["finished_at"])
-    host = _category(df["hostname"])
-    host_codes = host.cat.codes.to_numpy().astype(np.int64)
-    has_host = host_codes >= 0
-    n_hosts = len(host.cat.categories)
-    pairs = np.unique(place.cat.codes.to_numpy()[has_host].astype(np.int64) * n_hosts + host_codes[has_host])
     hostnames: dict[str, set[str]] = {}
-    for pair in pairs.tolist():
-        node_code, host_code = divmod(pair, n_hosts)
-        hostnames.setdefault(str(place.cat.categories[node_code]), set()).add(str(host.cat.categories[host_code]))
-    workers = {str(k): int(v) for k, v in df["worker"].groupby(place, observed=True).nunique().items()}
+    for name, host in _distinct_pairs(place, df["hostname"]):
+        hostnames.setdefault(name, set()).add(host)
+    workers: dict[str, int] = {}
+    for name, _ in _distinct_pairs(place, df["worker"]):
+        workers[name] = workers.get(name, 0) + 1
     out = []
     for row in records:
         name = str(row["node"])
@@ -927,6 +931,24 @@ def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _distinct_pairs(first: pd.Series, second: pd.Series) -> list[tuple[str, str]]:
+    """The distinct ``(first, second)`` pairs in the rows, skipping missing values.
+
+    Counted on category codes (a number per row), not by pandas' groupby, which
+    sorted copies of both columns: 40 MB at a million rows.
+    """
+    a, b = _category(first), _category(second)
+    a_codes, b_codes = a.cat.codes.to_numpy(), b.cat.codes.to_numpy()
+    both = (a_codes >= 0) & (b_codes >= 0)
+    width = len(b.cat.categories)
+    combined = a_codes[both].astype(np.int64)
+    combined *= width
+    combined += b_codes[both]
+    space = len(a.cat.categories) * width
+    present = np.flatnonzero(np.bincount(combined, minlength=space)) if space <= 2 * len(combined) + 1024 else np.unique(combined)
+    return [(str(a.cat.categories[c // width]), str(b.cat.categories[c % width])) for c in present.tolist()]
 
 
 def _slots_per_worker(run: Mapping[str, Any]) -> float | None:
@@ -1129,7 +1151,10 @@ def _slowest_candidates(latency: pd.Series, n: int = SLOWEST_N) -> pd.Series:
     """Rows that can be among the ``n`` slowest: latency at least the n-th largest (ties all kept)."""
     if latency.notna().sum() <= n:
         return latency.notna()
-    return latency >= latency.nlargest(n).iloc[-1]
+    values = latency.to_numpy(dtype=float, na_value=np.nan)
+    # the n largest of each block, then of those: no sorted copy of a million latencies
+    tops = [np.sort(block[~np.isnan(block)])[-n:] for block in np.array_split(values, max(1, len(values) // 65536))]
+    return latency >= np.sort(np.concatenate(tops))[-n]
 
 
 def _slowest(df: pd.DataFrame, n: int = SLOWEST_N) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ leaves a half-written Parquet behind.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import json
 import os
@@ -67,25 +69,33 @@ _LEDGER_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.type == _TS else 
 _JSON_BLOCK_BYTES = 256 << 10
 
 
-def _last_positions(hashes: np.ndarray) -> np.ndarray:
-    """Positions of the last occurrence of each id hash, in ledger order."""
-    if not len(hashes):
-        return np.zeros(0, dtype=np.int64)
-    # reverse so that np.unique's "first occurrence" is the last record
-    _, first = np.unique(hashes[::-1], return_index=True)
-    return np.sort(len(hashes) - 1 - first)
+def _superseded(hashes: np.ndarray) -> np.ndarray | None:
+    """Which records a later one with the same id hash replaces (a mask), or ``None`` when ids are unique.
+
+    A stable sort puts each id's records in ledger order: every one but the last is followed by its own
+    kind. Three arrays of a number per record at most, where np.unique's reverse-and-index took five.
+    """
+    if len(hashes) < 2:
+        return None
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    followed = ordered[:-1] == ordered[1:]
+    del ordered
+    if not followed.any():
+        return None  # the usual run: every id once
+    superseded = np.zeros(len(hashes), dtype=bool)
+    superseded[order[:-1][followed]] = True
+    return superseded
 
 
 def _python_batches(ledger_path: Path) -> Iterator[pa.RecordBatch]:
     """The last record of each id, in ledger order; tolerant of torn and garbled lines."""
-    keep = _last_positions(
+    superseded = _superseded(
         np.fromiter((id_hash(r["custom_id"]) for r in read_ledger(ledger_path)), dtype=np.uint64)
     )
-    pos = 0
     rows: list[dict[str, Any]] = []
     for n, row in enumerate(read_ledger(ledger_path)):
-        if pos < len(keep) and keep[pos] == n:
-            pos += 1
+        if superseded is None or not superseded[n]:
             rows.append(row)
             if len(rows) >= BATCH_ROWS:
                 yield _to_batch(rows)
@@ -113,19 +123,22 @@ def _arrow_batches(ledger_path: Path) -> Iterator[pa.RecordBatch]:
 
     ``write_results`` on 1M rows: 38.7 -> ~25 s (BENCHMARKS.md §3).
     """
-    hashes = [
+    blocks = [
         np.fromiter((id_hash(i) for i in batch.column("custom_id").to_pylist()), dtype=np.uint64, count=batch.num_rows)
         for batch in _arrow_reader(ledger_path)
     ]
-    keep = _last_positions(np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64))
+    hashes = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.uint64)
+    del blocks  # one copy of the hashes while they are sorted, not two
+    superseded = _superseded(hashes)
+    del hashes
+    _release_memory()
     offset = 0
     for batch in _arrow_reader(ledger_path):
         end = offset + batch.num_rows
-        lo, hi = np.searchsorted(keep, [offset, end])
-        if hi - lo == batch.num_rows:
+        if superseded is None or not superseded[offset:end].any():
             yield batch
-        elif hi > lo:
-            yield batch.take(pa.array(keep[lo:hi] - offset))
+        elif not superseded[offset:end].all():
+            yield batch.filter(pa.array(~superseded[offset:end]))
         offset = end
 
 
@@ -266,8 +279,25 @@ def _write_files(run_dir: Path, batches: Iterator[pa.RecordBatch]) -> int:
         csv_writer.close()
     for name, path in targets.items():
         os.replace(tmp[name], path)
-    # Arrow buffers left in reference cycles (readers, batches) until the next full collection: free
-    # them now, and hand the pool's pages back, so the summary read next starts from a low base
+    _release_memory()  # the summary, read next, starts from a low base
+    return count
+
+
+def _release_memory() -> None:
+    """Give back what a streaming pass left behind, so the next one does not stack on it.
+
+    Arrow buffers held in reference cycles (readers, batches) wait for a full collection;
+    Arrow's pool keeps freed pages; and glibc keeps what another thread freed (the JSON
+    reader's) in that thread's arena, where this one cannot reuse it: 17 MB after a pass
+    over a million-row ledger, measured. ``malloc_trim`` is glibc's; elsewhere it is skipped.
+    """
     gc.collect()
     pa.default_memory_pool().release_unused()
-    return count
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)

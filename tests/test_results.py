@@ -166,6 +166,16 @@ def test_last_ledger_record_wins(tmp_path: Path) -> None:
     assert sorted(o["custom_id"] for o in out) == ["a", "b", "c"]
 
 
+def test_superseded_records_are_all_but_the_last_of_each_id() -> None:
+    import numpy as np
+
+    from parsl_chat.results import _superseded
+
+    assert _superseded(np.array([5, 1, 5, 2, 5, 1], dtype=np.uint64)).tolist() == [True, True, True, False, False, False]
+    assert _superseded(np.array([3, 1, 2], dtype=np.uint64)) is None  # every id once: nothing to drop
+    assert _superseded(np.zeros(0, dtype=np.uint64)) is None
+
+
 def test_order_follows_last_record(tmp_path: Path) -> None:
     rows = [row("a", 1), row("b", 2), row("a", 1, attempts=2)]
     run_dir = make_run(tmp_path, rows)
