@@ -8,9 +8,6 @@ leaves a half-written Parquet behind.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import gc
 import json
 import os
 from collections.abc import Iterator
@@ -24,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from . import _memory
 from .ledger import id_hash, read_ledger
 
 __all__ = ["COLUMNS", "SCHEMA", "batch_output_line", "write_results"]
@@ -131,7 +129,7 @@ def _arrow_batches(ledger_path: Path) -> Iterator[pa.RecordBatch]:
     del blocks  # one copy of the hashes while they are sorted, not two
     superseded = _superseded(hashes)
     del hashes
-    _release_memory()
+    _memory.release()
     offset = 0
     for batch in _arrow_reader(ledger_path):
         end = offset + batch.num_rows
@@ -249,6 +247,7 @@ def _write_output_lines(out_fh: Any, batch: pa.RecordBatch, count: int) -> int:
 def write_results(run_dir: Path) -> int:
     """(Re)write results.parquet, results.csv and output.jsonl from the ledger; returns the row count."""
     ledger_path = run_dir / "ledger.jsonl"
+    _memory.map_large_blocks()  # from here on, arrays of a number per row go back to the system when freed
     if _ledger_is_clean(ledger_path):
         try:
             return _write_files(run_dir, _arrow_batches(ledger_path))
@@ -279,25 +278,5 @@ def _write_files(run_dir: Path, batches: Iterator[pa.RecordBatch]) -> int:
         csv_writer.close()
     for name, path in targets.items():
         os.replace(tmp[name], path)
-    _release_memory()  # the summary, read next, starts from a low base
+    _memory.release()  # the summary, read next, starts from a low base
     return count
-
-
-def _release_memory() -> None:
-    """Give back what a streaming pass left behind, so the next one does not stack on it.
-
-    Arrow buffers held in reference cycles (readers, batches) wait for a full collection;
-    Arrow's pool keeps freed pages; and glibc keeps what another thread freed (the JSON
-    reader's) in that thread's arena, where this one cannot reuse it: 17 MB after a pass
-    over a million-row ledger, measured. ``malloc_trim`` is glibc's; elsewhere it is skipped.
-    """
-    gc.collect()
-    pa.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)
