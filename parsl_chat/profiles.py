@@ -193,7 +193,7 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
     return Config(
         executors=[htex],
         run_dir=str(parsl_dir),
-        strategy=None if profile.strategy == "none" else profile.strategy,
+        strategy=profile.strategy,  # "none", "simple" or "htex_auto_scale", as Parsl names them
         strategy_period=profile.strategy_period_s,
         max_idletime=profile.max_idletime_s,
         retries=0,  # the driver re-queues lost chunks itself, with exactly-once bookkeeping
@@ -220,6 +220,10 @@ def _children_ignore_terminal_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+#: Parsl's scaling period while it starts (see :meth:`ParslBackend.start`)
+FIRST_TICK_S = 0.05
 
 
 class ParslBackend:
@@ -250,6 +254,10 @@ class ParslBackend:
         os.environ["PATH"] = _python_bin_on_path() + os.pathsep + os.environ.get("PATH", "")
         self.parsl_dir.mkdir(parents=True, exist_ok=True)
         config = build_parsl_config(self.profile, self.run_id, self.parsl_dir)
+        # Parsl's scaling thread ticks every FIRST_TICK_S until the executor is in, so that it launches
+        # the first block at once; then every strategy_period_s (set below). Calling the strategy from
+        # this thread instead raced that thread's own tick: two blocks where max_blocks was 1.
+        config.strategy_period = FIRST_TICK_S
         # Parsl logs to the root logger at DEBUG; keep that in logs/, off the terminal
         for name in ("parsl",):
             logging.getLogger(name).propagate = False
@@ -259,11 +267,9 @@ class ParslBackend:
         except Exception as exc:  # Parsl raises many types here; all mean "could not start"
             raise ExecutorError(f"could not start the Parsl executor ({self.profile.executor}): {exc}") from exc
         self._app = python_app(run_chunk, executors=[config.executors[0].label], data_flow_kernel=self._dfk)
-        # the first scaling tick comes one strategy period after the executor was added: launch the
-        # initial blocks now instead (saves up to strategy_period_s before the first worker starts)
         poller = getattr(self._dfk, "job_status_poller", None)
         if poller is not None:
-            poller.make_callback()
+            poller.interval = self.profile.strategy_period_s  # read before each wait: after the next tick
 
     @property
     def executor(self) -> Any:
