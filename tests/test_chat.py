@@ -15,8 +15,9 @@ import pytest
 from conftest import REPO, run_cli
 
 from parsl_chat.agents import AgentSpec
-from parsl_chat.chat import ChatConfig, ChatSession, RequestStat, SessionStore, summarize_requests
+from parsl_chat.chat import ChatConfig, ChatSession, RequestStat, summarize_requests
 from parsl_chat.config import load_settings
+from parsl_chat.sessions import SessionStore
 
 COMMANDS = ("help", "stats", "batch", "agents", "agent", "history", "reset", "save", "quit")
 KEY = "sk-test-chat-0123456789abcdef"
