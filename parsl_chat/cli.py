@@ -6,6 +6,7 @@ an exit code; everything else raises.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -309,8 +310,16 @@ def report(run_dirs: tuple[Path, ...], html: Path | None, as_json: bool) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``parsl-chat`` program (console script, ``python -m parsl_chat``): its exit code.
+
+    The process is expected to end right after: the objects made so far are frozen out of
+    the garbage collector, whose final passes over everything pandas, pyarrow and Parsl
+    created took 0.3-0.4 s of every run's exit (0.05 s frozen; measured in BENCHMARKS.md §1).
+    """
     try:
         cli.main(args=argv, prog_name="parsl-chat", standalone_mode=True)
+        code = 0
     except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
-    return 0
+        code = int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    gc.freeze()
+    return code
