@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -604,9 +604,11 @@ def _run(
     # Every row is in the ledger once dispatch returns: close it, then write the results files
     # while the backend shuts down in another thread (Parsl's cleanup: 0.05-0.5 s on one machine,
     # more where SLURM blocks are cancelled or a warm start's Parsl is still starting). Its errors
-    # are raised again by join().
+    # are raised again by result().
     _close_ledger(ledger)
-    ending = _InBackground(end_backend, name="parsl-chat-shutdown")
+    shutting_down = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parsl-chat-shutdown")
+    ending = shutting_down.submit(end_backend)
+    shutting_down.shutdown(wait=False)  # no more work for it; result() below waits for this one
     # Signals stay handled until the results and summary are written: a batch job's warning
     # that arrives now (seen: during Parsl's shutdown) must not kill the driver mid-write.
     try:
@@ -616,7 +618,7 @@ def _run(
         except OSError as exc:
             raise _cannot_write(run_dir, exc, stop) from None
         finally:
-            ending.join()  # run.json and the summary need the blocks' ended_at
+            ending.result()  # run.json and the summary need the blocks' ended_at
         meta["finished_at"] = iso(time.time())
         try:
             failed = _failed_count(run_dir)
@@ -698,28 +700,6 @@ class _Preload:
         meet in their circular imports (pandas imports pyarrow, pyarrow.dataset imports pandas)."""
         if self._thread is not None:
             self._thread.join()
-
-
-class _InBackground:
-    """``fn()`` in a thread of its own; :meth:`join` waits for it and raises what it raised."""
-
-    def __init__(self, fn: Callable[[], None], name: str) -> None:
-        self._error: BaseException | None = None
-        # not a daemon: should the main thread die first, the interpreter still waits for the cleanup
-        self._thread = threading.Thread(target=self._call, args=(fn,), name=name)
-        self._thread.start()
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except BaseException as exc:  # raised again by join(), in the thread that waits for it
-            self._error = exc
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 def _close_ledger(ledger: Ledger) -> None:
