@@ -317,6 +317,10 @@ def _parse_time(value: Any) -> pd.Timestamp | None:
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
+#: ticks of a timestamp unit per second
+_TICKS_PER_SECOND = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+
+
 def seconds_since(series: pd.Series, origin: pd.Timestamp) -> np.ndarray:
     """Seconds from ``origin`` to each timestamp of ``series`` (NaN where missing)."""
     dtype = series.dtype
@@ -326,7 +330,7 @@ def seconds_since(series: pd.Series, origin: pd.Timestamp) -> np.ndarray:
         return np.asarray(delta.dt.total_seconds().to_numpy(dtype=float, na_value=np.nan))
     # straight from the integer ticks, in place: one float array, no timedelta or float Series in between
     ticks = series.array.asi8
-    per_second = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[unit]
+    per_second = _TICKS_PER_SECOND[unit]
     out = ticks.astype(np.float64)  # exact: ticks of these units stay below 2**53 until the year 2255
     out -= pd.Timestamp(origin).as_unit(unit).value
     out /= per_second
@@ -768,17 +772,8 @@ def _group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict
     Sorted by the keys' text. Counted with numpy on category codes: a few arrays of a number per row.
     """
     labels = [_label(series, "unknown") for series in keys.values()]
-    group = np.zeros(len(df), dtype=np.int64)
-    space = 1
-    for label in labels:
-        group *= len(label.cat.categories)
-        group += label.cat.codes.to_numpy()
-        space *= len(label.cat.categories)
-    if space > 2 * len(df) + 1024:  # sparse combinations (many nodes x many workers): number the present ones
-        present, group = np.unique(group, return_inverse=True)
-        space = len(present)
-    else:  # counted straight on the codes: no sort, no second array per row
-        present = None
+    categories = [label.cat.categories for label in labels]
+    group, present, space = _combinations([label.cat.codes.to_numpy() for label in labels], categories)
     prompts = np.bincount(group, minlength=space)
     ok = np.bincount(group, weights=_ok(df).to_numpy(dtype=float), minlength=space)
     busy = np.bincount(group, weights=df["latency_s"].to_numpy(dtype=float, na_value=0.0), minlength=space)
@@ -788,11 +783,7 @@ def _group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict
     combined = kept if present is None else present[kept]
     records = []
     for i, code in zip(kept.tolist(), combined.tolist(), strict=True):
-        names: list[str] = []
-        for label in reversed(labels):
-            code, own = divmod(code, len(label.cat.categories))
-            names.append(str(label.cat.categories[own]))
-        record: dict[str, Any] = dict(zip(keys, reversed(names), strict=True))
+        record: dict[str, Any] = dict(zip(keys, _names(code, categories), strict=True))
         record.update(
             prompts=int(prompts[i]),
             ok=int(ok[i]),
@@ -802,6 +793,36 @@ def _group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict
         )
         records.append(record)
     return sorted(records, key=lambda r: tuple(r[name] for name in keys))
+
+
+def _combinations(codes: Sequence[np.ndarray], categories: Sequence[pd.Index]) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Each row's combination of category codes as one number, ready for ``np.bincount``.
+
+    Returns ``(group, present, space)``: ``np.bincount(group, minlength=space)`` counts the
+    combinations. ``present`` is ``None`` when ``group`` is the combined code itself (no sort,
+    no second array per row); where the combinations are sparse (many nodes x many workers)
+    the ones present are numbered instead, ``group`` indexing ``present``. :func:`_names`
+    turns a combined code back into names.
+    """
+    group = np.zeros(len(codes[0]), dtype=np.int64)
+    space = 1
+    for own, kinds in zip(codes, categories, strict=True):
+        group *= len(kinds)
+        group += own
+        space *= len(kinds)
+    if space > 2 * len(group) + 1024:
+        present, group = np.unique(group, return_inverse=True)
+        return group, present, len(present)
+    return group, None, space
+
+
+def _names(code: int, categories: Sequence[pd.Index]) -> list[str]:
+    """The category names a code of :func:`_combinations` stands for."""
+    names: list[str] = []
+    for kinds in reversed(categories):
+        code, own = divmod(code, len(kinds))
+        names.append(str(kinds[own]))
+    return names[::-1]
 
 
 def _agents(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> list[dict[str, Any]]:
@@ -885,7 +906,7 @@ def _ticks(series: pd.Series, like: pd.Series | None = None) -> tuple[np.ndarray
     unit = str(model.dt.unit)
     if str(series.dt.unit) != unit:
         series = series.dt.as_unit(unit)
-    return series.array.asi8, {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[unit]
+    return series.array.asi8, _TICKS_PER_SECOND[unit]
 
 
 def _nodes(df: pd.DataFrame, wall_s: float | None) -> list[dict[str, Any]]:
@@ -942,13 +963,11 @@ def _distinct_pairs(first: pd.Series, second: pd.Series) -> list[tuple[str, str]
     a, b = _category(first), _category(second)
     a_codes, b_codes = a.cat.codes.to_numpy(), b.cat.codes.to_numpy()
     both = (a_codes >= 0) & (b_codes >= 0)
-    width = len(b.cat.categories)
-    combined = a_codes[both].astype(np.int64)
-    combined *= width
-    combined += b_codes[both]
-    space = len(a.cat.categories) * width
-    present = np.flatnonzero(np.bincount(combined, minlength=space)) if space <= 2 * len(combined) + 1024 else np.unique(combined)
-    return [(str(a.cat.categories[c // width]), str(b.cat.categories[c % width])) for c in present.tolist()]
+    categories = [a.cat.categories, b.cat.categories]
+    group, present, space = _combinations([a_codes[both], b_codes[both]], categories)
+    kept = np.flatnonzero(np.bincount(group, minlength=space))
+    combined = kept if present is None else present[kept]
+    return [(x, y) for x, y in (_names(code, categories) for code in combined.tolist())]
 
 
 def _slots_per_worker(run: Mapping[str, Any]) -> float | None:
