@@ -8,15 +8,13 @@ later ``cleanup`` can cancel them if this driver dies.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -93,10 +91,28 @@ def _interchange_address(profile: ProfileConfig) -> str:
         return "127.0.0.1"
 
 
+#: Runs a command in a new session: ``os.setsid()``, then exec (same pid, so Parsl and cleanup see the interchange itself).
+_NEW_SESSION = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+
+
+def _interchange_launch_cmd() -> list[str]:
+    """Parsl's interchange command, started in a session of its own.
+
+    A terminal's Ctrl-C or hang-up goes to every process of the foreground
+    group, not to the driver alone. The driver stops cleanly on its own and
+    ends the interchange; an interchange killed by that signal instead left
+    Parsl waiting for it forever. Ignoring the signals around ``parsl.load``
+    cannot do this where Parsl starts in a thread (the warm start): only the
+    main thread may change signal dispositions. Parsl's local worker pools
+    already run in their own process group.
+    """
+    from parsl.executors.high_throughput.executor import DEFAULT_INTERCHANGE_LAUNCH_CMD
+
+    return [sys.executable, "-c", _NEW_SESSION, *DEFAULT_INTERCHANGE_LAUNCH_CMD]
+
+
 def _python_bin_on_path() -> str:
     """Parsl starts the interchange and workers by name: this Python's bin/ must be on PATH."""
-    import sys
-
     return str(Path(sys.executable).parent)
 
 
@@ -177,6 +193,7 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
     htex = HighThroughputExecutor(
         label=f"htex-{run_id[-8:]}",
         address=_interchange_address(profile),
+        interchange_launch_cmd=_interchange_launch_cmd(),
         provider=provider,
         max_workers_per_node=profile.workers,
         cores_per_worker=0.01,  # requests are I/O-bound: the worker count is set explicitly
@@ -199,27 +216,6 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
         retries=0,  # the driver re-queues lost chunks itself, with exactly-once bookkeeping
         usage_tracking=0,
     )
-
-
-@contextlib.contextmanager
-def _children_ignore_terminal_signals() -> Iterator[None]:
-    """Processes started inside (the interchange, local worker pools) ignore Ctrl-C and hang-up.
-
-    They run in our process group: a Ctrl-C meant for the driver (which stops
-    cleanly on its own) would kill the interchange, and Parsl's cleanup would then
-    wait for it forever. Ignored signals are inherited across exec.
-    """
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)
-        except ValueError:  # not the main thread: nothing to protect from
-            pass
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 #: Parsl's scaling period while it starts (see :meth:`ParslBackend.start`)
@@ -262,8 +258,7 @@ class ParslBackend:
         for name in ("parsl",):
             logging.getLogger(name).propagate = False
         try:
-            with _children_ignore_terminal_signals():
-                self._dfk = parsl.load(config)
+            self._dfk = parsl.load(config)
         except Exception as exc:  # Parsl raises many types here; all mean "could not start"
             raise ExecutorError(f"could not start the Parsl executor ({self.profile.executor}): {exc}") from exc
         self._app = python_app(run_chunk, executors=[config.executors[0].label], data_flow_kernel=self._dfk)

@@ -283,3 +283,48 @@ def test_full_disk_stops_cleanly_with_the_ledger_intact(sim_server, tmp_path: Pa
     assert resumed.returncode == 0, resumed.stderr
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == 3000 and df.custom_id.is_unique
+
+
+def _interchange_of(driver: subprocess.Popen[str], timeout: float = 30) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(driver.pid).children():
+            try:
+                if any("interchange" in part for part in child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.02)
+    raise AssertionError(f"no interchange process under the driver after {timeout} s")
+
+
+@pytest.mark.parametrize("warm_start", ["1", "0"])
+def test_ctrl_c_at_a_terminal_reaches_the_whole_group_and_the_run_still_stops_cleanly(
+    warm_start: str, sim_server, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C signals every process of the foreground group, not the driver alone.
+
+    The interchange must survive it (the driver ends it): one killed by that signal left Parsl
+    waiting for it forever. With the warm start Parsl is started from a thread, where the
+    driver cannot change signal dispositions, so the interchange runs in its own session.
+    """
+    server = sim_server(latency_ms=100)
+    prompts = _prompts(tmp_path / "p.jsonl", 600)
+    out = tmp_path / "run"
+    driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out)], {"PARSL_CHAT_WARM_START": warm_start})
+    interchange = _interchange_of(driver)
+    time.sleep(0.2)  # past the fork: the signal finds the interchange's own disposition
+    os.killpg(driver.pid, signal.SIGINT)
+    try:
+        _, stderr = driver.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        interchange.kill()
+        raise AssertionError("the driver hung after a Ctrl-C to its process group") from None
+    assert driver.returncode == 3, stderr
+    assert "Traceback" not in stderr
+    assert not _alive(interchange.pid)  # the driver stopped it on its way out
+    resumed = run_cli("run", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 600 and df.custom_id.is_unique
