@@ -154,9 +154,7 @@ def _read_run_json(meta: Path, notes: list[str]) -> dict[str, Any]:
     return data
 
 
-def _read_rows(
-    parquet: Path, ledger: Path, notes: list[str], columns: Sequence[str] | None = None
-) -> tuple[pd.DataFrame, str]:
+def _read_rows(parquet: Path, ledger: Path, notes: list[str], columns: Sequence[str] | None = None) -> tuple[pd.DataFrame, str]:
     if parquet.exists():
         try:
             if columns is not None:

@@ -88,9 +88,7 @@ def _superseded(hashes: np.ndarray) -> np.ndarray | None:
 
 def _python_batches(ledger_path: Path) -> Iterator[pa.RecordBatch]:
     """The last record of each id, in ledger order; tolerant of torn and garbled lines."""
-    superseded = _superseded(
-        np.fromiter((id_hash(r["custom_id"]) for r in read_ledger(ledger_path)), dtype=np.uint64)
-    )
+    superseded = _superseded(np.fromiter((id_hash(r["custom_id"]) for r in read_ledger(ledger_path)), dtype=np.uint64))
     rows: list[dict[str, Any]] = []
     for n, row in enumerate(read_ledger(ledger_path)):
         if superseded is None or not superseded[n]:
@@ -169,9 +167,7 @@ def _ledger_is_clean(ledger_path: Path) -> bool:
 
 def _to_table(batch: pa.RecordBatch) -> pa.Table:
     """A ledger batch in the results schema (ISO timestamps parsed)."""
-    columns = [
-        batch.column(field.name).cast(_TS) if field.type == _TS else batch.column(field.name) for field in SCHEMA
-    ]
+    columns = [batch.column(field.name).cast(_TS) if field.type == _TS else batch.column(field.name) for field in SCHEMA]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 

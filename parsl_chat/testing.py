@@ -125,9 +125,7 @@ def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
+        return " ".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
     return ""
 
 
@@ -241,9 +239,7 @@ class _Simulator:
             "Number of generation tokens processed.",
             [("", self.completion_tokens_total)],
         )
-        metric(
-            "vllm:num_requests_running", "gauge", "Number of requests currently running.", [(label, self.processing)]
-        )
+        metric("vllm:num_requests_running", "gauge", "Number of requests currently running.", [(label, self.processing)])
         metric(
             "vllm:num_requests_waiting",
             "gauge",
@@ -309,9 +305,7 @@ class _Simulator:
         max_tokens = body.get("max_completion_tokens")  # the newer name wins, as with OpenAI
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
-        if max_tokens is not None and (
-            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-        ):
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             return reject(
                 400,
                 _error(
@@ -324,9 +318,7 @@ class _Simulator:
 
         # Validation and rate limiting answer on arrival: no slot, no latency.
         if "__auth__" in prompt:
-            return reject(
-                401, _error(401, "Incorrect API key provided (simulated).", "invalid_request_error", "invalid_api_key")
-            )
+            return reject(401, _error(401, "Incorrect API key provided (simulated).", "invalid_request_error", "invalid_api_key"))
         if "__bad_request__" in prompt:
             return reject(400, _error(400, "Bad request (simulated).", "invalid_request_error"))
         if "__context_length__" in prompt:
@@ -499,9 +491,7 @@ class _Simulator:
             parts.append(b"data: " + _dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
         parts.append(b"data: [DONE]\n\n")
         # No per-token delay is simulated, so one write is as good as many and cheaper.
-        return web.Response(
-            body=b"".join(parts), content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return web.Response(body=b"".join(parts), content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 _SIM_KEY = web.AppKey("parsl_chat_simulator", _Simulator)

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "k8s-emulator"
 
-pytestmark = [pytest.mark.kubernetes,
-              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups")]
+pytestmark = [
+    pytest.mark.kubernetes,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and process groups"),
+]
 if importlib.util.find_spec("pytest_timeout"):
     pytestmark.append(pytest.mark.timeout(180))
 
@@ -96,9 +98,23 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
     kubeconfig, state_dir = tmp_path / "kubeconfig", tmp_path / "state"
     with open(tmp_path / "emulator.err", "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "serve", "--kubeconfig", str(kubeconfig), "--port", str(free_port()),
-             "--state-dir", str(state_dir), "--grace-seconds", "2"],
-            stdout=subprocess.PIPE, stderr=err, text=True)
+            [
+                sys.executable,
+                str(SCRIPT),
+                "serve",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--port",
+                str(free_port()),
+                "--state-dir",
+                str(state_dir),
+                "--grace-seconds",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 20)
@@ -133,11 +149,22 @@ def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
 def pod_spec(name: str, script: str, **env: str) -> V1Pod:
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name=name, labels={"app": "emulator-test", "case": name}),
-        spec=client.V1PodSpec(restart_policy="Never", containers=[client.V1Container(
-            name="main", image="busybox:1.36", command=["/bin/sh", "-c"], args=[script],
-            env=[client.V1EnvVar(name=k, value=v) for k, v in env.items()],
-            resources=client.V1ResourceRequirements(requests={"cpu": "250m", "memory": "64Mi"},
-                                                    limits={"cpu": "500m", "memory": "128Mi"}))]))
+        spec=client.V1PodSpec(
+            restart_policy="Never",
+            containers=[
+                client.V1Container(
+                    name="main",
+                    image="busybox:1.36",
+                    command=["/bin/sh", "-c"],
+                    args=[script],
+                    env=[client.V1EnvVar(name=k, value=v) for k, v in env.items()],
+                    resources=client.V1ResourceRequirements(
+                        requests={"cpu": "250m", "memory": "64Mi"}, limits={"cpu": "500m", "memory": "128Mi"}
+                    ),
+                )
+            ],
+        ),
+    )
 
 
 def test_kubeconfig_and_health(emulator: Emulator) -> None:
@@ -168,7 +195,8 @@ def test_discovery_namespaces_and_delete_collection(emulator: Emulator) -> None:
     def sleeper(job: str) -> V1Pod:
         return client.V1Pod(
             metadata=client.V1ObjectMeta(generate_name="block-", labels={"parsl-job-id": job}),
-            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="none", command=["sleep", "60"])]))
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="none", command=["sleep", "60"])]),
+        )
 
     first = v1.create_namespaced_pod("extra", sleeper("a"))
     second = v1.create_namespaced_pod("extra", sleeper("b"))
@@ -177,16 +205,22 @@ def test_discovery_namespaces_and_delete_collection(emulator: Emulator) -> None:
     assert [p.metadata.name for p in v1.list_namespaced_pod("extra").items] == [second.metadata.name]
     v1.delete_namespace("extra")  # takes its pods with it
     assert v1.list_pod_for_all_namespaces().items == []
-    wait_for(lambda: all(p["deleted"] and p["containers"][0]["exit_code"] is not None for p in emulator.pods()),
-             10, "pod processes to be stopped")
+    wait_for(
+        lambda: all(p["deleted"] and p["containers"][0]["exit_code"] is not None for p in emulator.pods()),
+        10,
+        "pod processes to be stopped",
+    )
 
 
 def test_client_pod_lifecycle_runs_command(emulator: Emulator, tmp_path: Path) -> None:
     v1 = emulator.api()
     out = tmp_path / "written-by-pod.txt"
-    created = v1.create_namespaced_pod("default", pod_spec(
-        "writer", 'sleep 0.5; echo "$GREETING from $HOSTNAME in $(pwd)" > "$OUT"; echo done', GREETING="hello",
-        OUT=str(out)))
+    created = v1.create_namespaced_pod(
+        "default",
+        pod_spec(
+            "writer", 'sleep 0.5; echo "$GREETING from $HOSTNAME in $(pwd)" > "$OUT"; echo done', GREETING="hello", OUT=str(out)
+        ),
+    )
     assert created.status.phase == "Pending"  # what a real API server returns on create
     assert created.metadata.uid and created.metadata.namespace == "default"
 
@@ -224,8 +258,7 @@ def test_client_pod_lifecycle_runs_command(emulator: Emulator, tmp_path: Path) -
     (record,) = emulator.pods()
     assert record["name"] == "writer" and record["deleted"] is True and record["phase"] == "Succeeded"
     assert record["image"] == "busybox:1.36"
-    assert record["resources"] == {"requests": {"cpu": "250m", "memory": "64Mi"},
-                                   "limits": {"cpu": "500m", "memory": "128Mi"}}
+    assert record["resources"] == {"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}}
 
 
 def test_failure_and_deletion_kill_process_group(emulator: Emulator, tmp_path: Path) -> None:
@@ -261,8 +294,7 @@ def test_failure_and_deletion_kill_process_group(emulator: Emulator, tmp_path: P
 
 
 @pytest.mark.slow
-def test_parsl_kubernetes_provider_end_to_end(emulator: Emulator, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parsl_kubernetes_provider_end_to_end(emulator: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import parsl
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
@@ -273,20 +305,34 @@ def test_parsl_kubernetes_provider_end_to_end(emulator: Emulator, tmp_path: Path
     @parsl.python_app
     def where(i: int) -> tuple[int, int, str | None]:
         import os
+
         return i * i, os.getpid(), os.environ.get("K8S_EMULATOR_POD")
 
     provider = KubernetesProvider(
-        namespace="default", image="python:3.11", init_blocks=1, min_blocks=0, max_blocks=1,
-        max_cpu=1.5, max_mem="300Mi", init_cpu=0.5, init_mem="100Mi",
+        namespace="default",
+        image="python:3.11",
+        init_blocks=1,
+        min_blocks=0,
+        max_blocks=1,
+        max_cpu=1.5,
+        max_mem="300Mi",
+        init_cpu=0.5,
+        init_mem="100Mi",
         # The image is ignored: the pod runs `bash -c "<worker_init>\n<process_worker_pool.py ...>"`
         # on this host, so worker_init puts this interpreter's bin dir on PATH (process_worker_pool.py)
         # and makes this test module importable (dill pickles the app by reference to it).
-        worker_init=(f'export PATH="{Path(sys.executable).parent}:$PATH"; '
-                     f'export PYTHONPATH="{Path(__file__).parent}${{PYTHONPATH:+:$PYTHONPATH}}"'),
-        pod_name="parsl-chat-test", persistent_volumes=[])
-    cfg = Config(executors=[HighThroughputExecutor(label="k8s", address="127.0.0.1", max_workers_per_node=2,
-                                                   provider=provider)],
-                 strategy_period=1, run_dir=str(tmp_path / "runinfo"))
+        worker_init=(
+            f'export PATH="{Path(sys.executable).parent}:$PATH"; '
+            f'export PYTHONPATH="{Path(__file__).parent}${{PYTHONPATH:+:$PYTHONPATH}}"'
+        ),
+        pod_name="parsl-chat-test",
+        persistent_volumes=[],
+    )
+    cfg = Config(
+        executors=[HighThroughputExecutor(label="k8s", address="127.0.0.1", max_workers_per_node=2, provider=provider)],
+        strategy_period=1,
+        run_dir=str(tmp_path / "runinfo"),
+    )
     parsl.load(cfg)
     try:
         results = [f.result(timeout=60) for f in [where(i) for i in range(6)]]
@@ -301,8 +347,7 @@ def test_parsl_kubernetes_provider_end_to_end(emulator: Emulator, tmp_path: Path
     assert {pod_name for _, _, pod_name in results} == {pod["name"]}
     assert pod["name"].startswith("parsl-chat-test.")
     assert pod["image"] == "python:3.11"
-    assert pod["resources"] == {"limits": {"cpu": "1.5", "memory": "300Mi"},
-                                "requests": {"cpu": "0.5", "memory": "100Mi"}}
+    assert pod["resources"] == {"limits": {"cpu": "1.5", "memory": "300Mi"}, "requests": {"cpu": "0.5", "memory": "100Mi"}}
     assert pod["containers"][0]["command"] == ["/bin/bash"]
     assert "process_worker_pool.py" in pod["containers"][0]["args"][-1]
     # cleanup() scaled the block in: the pod is deleted and its worker pool is gone.
@@ -326,11 +371,18 @@ def test_unreachable_api_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     port = free_port()  # closed again: connection refused
     kc = tmp_path / "dead-kubeconfig"
-    kc.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
-        "clusters": [{"name": "dead", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "dead", "user": {"token": "x"}}],
-        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}]}))
+    kc.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "dead",
+                "clusters": [{"name": "dead", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+                "users": [{"name": "dead", "user": {"token": "x"}}],
+                "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
+            }
+        )
+    )
 
     v1 = client.CoreV1Api(config.new_client_from_config(config_file=str(kc)))
     started = time.monotonic()
@@ -339,11 +391,23 @@ def test_unreachable_api_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert time.monotonic() - started < 5
 
     use_kubeconfig(monkeypatch, kc)
-    provider = KubernetesProvider(namespace="default", image="python:3.11", init_blocks=1, max_blocks=1,
-                                  worker_init="true", pod_name="parsl-chat-test", persistent_volumes=[])
+    provider = KubernetesProvider(
+        namespace="default",
+        image="python:3.11",
+        init_blocks=1,
+        max_blocks=1,
+        worker_init="true",
+        pod_name="parsl-chat-test",
+        persistent_volumes=[],
+    )
     # The constructor only reads the kubeconfig: the first HTTP call is the pod creation in scale-out.
-    parsl.load(Config(executors=[HighThroughputExecutor(label="k8s", address="127.0.0.1", provider=provider)],
-                      strategy_period=1, run_dir=str(tmp_path / "runinfo")))
+    parsl.load(
+        Config(
+            executors=[HighThroughputExecutor(label="k8s", address="127.0.0.1", provider=provider)],
+            strategy_period=1,
+            run_dir=str(tmp_path / "runinfo"),
+        )
+    )
     try:
         started = time.monotonic()
 

@@ -40,9 +40,7 @@ def _serve_in_thread(plan: FaultPlan, **kwargs: Any) -> Iterator[str]:
     thread.start()
 
     async def setup() -> web.AppRunner:
-        runner = web.AppRunner(
-            make_app(plan, **kwargs), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
-        )
+        runner = web.AppRunner(make_app(plan, **kwargs), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         return runner
@@ -400,9 +398,7 @@ def test_fault_plan_rejects_impossible_values() -> None:
 def test_simulated_server_start_and_stop(tmp_path: Path) -> None:
     with SimulatedServer(FaultPlan(model="child", completion_tokens=3)) as server:
         assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/v1")
-        reply = _client(server.url).chat.completions.create(
-            model="child", messages=[{"role": "user", "content": "ping"}]
-        )
+        reply = _client(server.url).chat.completions.create(model="child", messages=[{"role": "user", "content": "ping"}])
         assert reply.choices[0].message.content == "sim ping tok"
         assert [r["prompt"] for r in server.requests()] == ["ping"]
         url = server.url
