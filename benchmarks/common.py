@@ -44,6 +44,7 @@ class Context:
     keep_runs: bool = False
     notes: list[str] = field(default_factory=list)
     proposed: Path | None = None  # a parsl_chat tree with benchmarks/proposals/*.diff applied
+    slurm_sizes: tuple[int, ...] | None = None  # prompts per SLURM comparison (None: the mode's default)
 
     def scratch(self, name: str) -> Path:
         path = self.work_dir / name

@@ -69,11 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure parsl-chat with benchmarks/proposals/*.diff applied (a patched copy; the tree is not touched)",
     )
+    p.add_argument(
+        "--slurm-sizes",
+        help="comma-separated prompt counts for the SLURM comparison (default 7200,14400; quick 1200): "
+        "a node's share of work sets how much the fixed start-up weighs",
+    )
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",")] if args.only else list(SUITES)
     unknown = [s for s in only if s not in SUITES]
     if unknown:
         p.error(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(SUITES)}")
+    try:
+        slurm_sizes = tuple(int(n) for n in args.slurm_sizes.split(",")) if args.slurm_sizes else None
+    except ValueError:
+        p.error(f"--slurm-sizes: expected comma-separated prompt counts, got {args.slurm_sizes!r}")
     own_work = args.work is None
     work = args.work or Path(tempfile.mkdtemp(prefix="parsl-chat-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -83,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=work,
         repeats=args.repeats or (1 if args.quick else 3),
         keep_runs=args.keep_runs,
+        slurm_sizes=slurm_sizes,
         log=lambda line: print(line, flush=True),
     )
     ctx.results_dir.mkdir(parents=True, exist_ok=True)

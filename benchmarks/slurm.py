@@ -72,7 +72,7 @@ def run(ctx: Context) -> dict[str, Any]:
         return data
     # Two sizes in full mode: the fixed cost per run (~5 s: job start, workers connecting, end)
     # weighs less on the longer one, which shows what the request phase scales to.
-    sizes = [1200] if ctx.quick else [7200, 14400]
+    sizes = list(ctx.slurm_sizes or ((1200,) if ctx.quick else (7200, 14400)))
     results = {n: _measure(ctx, env, n) for n in sizes}
     data = {"sizes": {str(n): d for n, (d, _) in results.items()}}
     write_result(ctx, "slurm", data, "\n\n".join("\n".join(md) for _, md in results.values()))
