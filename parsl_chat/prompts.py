@@ -155,6 +155,8 @@ class PromptSource:
                 yield LineProblem(where, lineno, f"not valid UTF-8 (byte {exc.start + 1})")
                 continue
             text = text.rstrip("\r\n")
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a UTF-8 byte order mark (Windows editors write one), not part of the prompt
             if not text.strip():
                 continue
             if self.text_format:

@@ -153,6 +153,16 @@ def test_crlf_line_endings(tmp_path: Path) -> None:
     assert [i.messages[0]["content"] for i in items if isinstance(i, Prompt)] == ["a", "b"]
 
 
+@pytest.mark.parametrize("name", ["prompts.jsonl", "prompts.txt"])
+def test_utf8_byte_order_mark_at_the_start_is_not_part_of_the_first_line(tmp_path: Path, name: str) -> None:
+    # Windows editors save UTF-8 with a BOM; only the file's first three bytes are one
+    body = b'{"prompt": "a"}\r\n{"prompt": "\xef\xbb\xbfb"}\r\n' if name.endswith(".jsonl") else b"a\n\xef\xbb\xbfb\n"
+    items = parse(write(tmp_path, b"\xef\xbb\xbf" + body, name=name))
+    first, second = items
+    assert isinstance(first, Prompt) and first.messages[0]["content"] == "a"
+    assert isinstance(second, Prompt) and second.messages[0]["content"] == "\ufeffb"  # inside the text: kept
+
+
 # --------------------------------------------------------------------------- bad lines
 
 
