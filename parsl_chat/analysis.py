@@ -82,8 +82,8 @@ RESULT_COLUMNS: dict[str, str] = {
 }
 
 
-#: Run statuses whose results may be incomplete.
-PARTIAL_STATUSES = ("running", "interrupted", "failed")
+#: Run statuses whose results may be incomplete ("failed" is a finished run with too many failed prompts).
+PARTIAL_STATUSES = ("running", "interrupted")
 SLOWEST_N = 5
 SUMMARY_SCHEMA = 1
 
@@ -646,7 +646,7 @@ def write_summary(path: str | Path) -> Path:
 
 
 def _run_section(df: pd.DataFrame, run: Mapping[str, Any], counts: Mapping[str, Any]) -> dict[str, Any]:
-    """Run metadata; ``partial`` is true when the status is running/interrupted/failed or rows came from the ledger."""
+    """Run metadata; ``partial`` is true when the status is running/interrupted or rows came from the ledger."""
     status = run.get("status")
     source = df.attrs.get("source", "results.parquet")
     notes = list(df.attrs.get("notes", []))
@@ -654,7 +654,10 @@ def _run_section(df: pd.DataFrame, run: Mapping[str, Any], counts: Mapping[str, 
     if status in ("running", "interrupted"):
         notes.append(f"run status is {status!r}: the numbers cover the {counts['prompts']} prompt(s) recorded so far")
     elif status == "failed":
-        notes.append("run status is 'failed': the driver stopped early; prompts not recorded are missing")
+        notes.append(
+            f"run status is 'failed': {counts['error']} of {counts['prompts']} prompts failed, "
+            "more than --max-failures allows; every prompt is recorded"
+        )
     return {
         "run_id": run.get("run_id") or (Path(str(df.attrs["run_dir"])).name if df.attrs.get("run_dir") else None),
         "run_dir": df.attrs.get("run_dir"),

@@ -69,7 +69,7 @@ def _print_error(exc: ParslChatError, debug: bool) -> None:
     if debug:
         traceback.print_exception(exc)
     err_console.print(f"parsl-chat: error: {exc}", markup=False)
-    problems = getattr(exc, "problems", None) or []
+    problems = exc.problems
     for line in problems[:50]:
         err_console.print(f"  {line}", markup=False)
     if len(problems) > 50:

@@ -26,8 +26,10 @@ class ParslChatError(Exception):
     #: One line telling the user what to do next (printed after the message).
     hint: str | None = None
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, problems: list[str] | None = None, *, hint: str | None = None) -> None:
         super().__init__(message)
+        #: Detail lines printed under the message (a bad file's ``file:line: what`` lines, a failed run's first errors).
+        self.problems = problems or []
         if hint is not None:
             self.hint = hint
 
@@ -40,10 +42,6 @@ class UsageError(ParslChatError):
 
 class InputError(UsageError):
     """A bad prompts file. ``problems`` holds every ``file:line: what`` line found."""
-
-    def __init__(self, message: str, problems: list[str] | None = None, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.problems = problems or []
 
 
 class ConfigError(UsageError):
@@ -67,7 +65,10 @@ class ExecutorError(ParslChatError):
 
 
 class RunFailed(ParslChatError):
-    """The run finished, but with more failed prompts than ``--max-failures`` allows."""
+    """The run finished, but with more failed prompts than ``--max-failures`` allows.
+
+    ``problems`` holds the first error message of each error type.
+    """
 
     exit_code = 1
 

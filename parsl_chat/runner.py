@@ -642,8 +642,11 @@ def _run(
     if failed > allowed:
         by_type = summary.get("counts", {}).get("errors_by_type", {})
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(by_type.items()))
+        # the first message of each kind says what went wrong (an endpoint down, a bad key) without opening a file
+        examples = [f"{e['error_type']}: {e['example']}" for e in summary.get("errors", []) if e.get("example")]
         raise RunFailed(
             f"{failed} of {count} prompts failed ({detail}); --max-failures allows {allowed}; results in {run_dir}",
+            examples,
             hint=f"see the 'error' column of {run_dir / 'results.csv'}; "
             f"re-send the failed ones with: parsl-chat run --resume {run_dir} --retry-failed",
         )

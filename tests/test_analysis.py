@@ -220,6 +220,15 @@ def test_summary_is_json_and_counts(known: dict[str, Any]) -> None:
     assert known["run"]["run_id"] == "known" and known["run"]["partial"] is False
 
 
+def test_failed_status_is_a_finished_run_not_a_partial_one(tmp_path: Path) -> None:
+    # 'failed' = every prompt recorded, more of them failed than --max-failures allows
+    summary = summarize(load_run(known_run(tmp_path, status="failed")))
+    assert summary["run"]["partial"] is False
+    assert summary["run"]["notes"] == [
+        "run status is 'failed': 2 of 6 prompts failed, more than --max-failures allows; every prompt is recorded"
+    ]
+
+
 def test_wall_throughput_tokens(known: dict[str, Any]) -> None:
     assert known["wall_s"] == approx(10.0)
     assert known["wall"]["basis"] == "run.json started_at -> run.json finished_at"

@@ -153,6 +153,8 @@ def test_failures_beyond_max_failures_exit_1(sim_server, tmp_path: Path) -> None
     result = run_cli("run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl")
     assert result.returncode == 1
     assert "1 of 3 prompts failed (bad_request: 1)" in result.stderr
+    # the first message of each error type, so the cause shows without opening results.csv
+    assert "\n  bad_request: HTTP 400" in result.stderr, result.stderr
     df = pd.read_parquet(out / "results.parquet")
     failed = df[df.status == "error"].iloc[0]
     assert failed.error_type == "bad_request" and failed.attempts == 1  # never retried
