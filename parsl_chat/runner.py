@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -1027,18 +1028,42 @@ def _install_signals(stop: _Stop, stop_file: Path) -> dict[int, Any]:
             stop_file.touch()
         except OSError:
             pass
+        if signum == signal.SIGHUP:
+            _detach_from_terminal()
+            return
         print(
             f"\nparsl-chat: {name} received: finishing requests in flight, then stopping (Ctrl-C again to stop now)",
             file=sys.stderr,
             flush=True,
         )
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    # SIGHUP: the terminal went away (an SSH session dropped). By default it killed the driver at
+    # once, leaving run.json 'running' and the interchange (in its own session) behind.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. tests calling in a thread)
             pass
     return previous
+
+
+def _detach_from_terminal() -> None:
+    """Point stdout and stderr at /dev/null where they were a terminal that has hung up.
+
+    Writes to a hung-up terminal fail (EIO), and the progress display, the end-of-run
+    message and the error path all write; the run itself goes on to a clean stop.
+    Files and pipes (a batch job's output) are kept.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal (isatty() fails on one that hung up)
+                    os.dup2(devnull, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(devnull)
 
 
 def _restore_signals(previous: dict[int, Any]) -> None:

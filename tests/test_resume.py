@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import psutil
@@ -285,7 +286,7 @@ def test_full_disk_stops_cleanly_with_the_ledger_intact(sim_server, tmp_path: Pa
     assert len(df) == 3000 and df.custom_id.is_unique
 
 
-def _interchange_of(driver: subprocess.Popen[str], timeout: float = 30) -> psutil.Process:
+def _interchange_of(driver: subprocess.Popen[Any], timeout: float = 30) -> psutil.Process:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for child in psutil.Process(driver.pid).children():
@@ -324,6 +325,76 @@ def test_ctrl_c_at_a_terminal_reaches_the_whole_group_and_the_run_still_stops_cl
     assert driver.returncode == 3, stderr
     assert "Traceback" not in stderr
     assert not _alive(interchange.pid)  # the driver stopped it on its way out
+    resumed = run_cli("run", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 600 and df.custom_id.is_unique
+
+
+def _start_on_a_terminal(args: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+    """The driver as a login shell's job: a session of its own whose controlling terminal is a pty."""
+    import fcntl
+    import termios
+
+    master, slave = os.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "parsl_chat", *args],
+        cwd=REPO,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # after setsid: the pty becomes its terminal
+    )
+    os.close(slave)
+    return driver, master
+
+
+def test_terminal_hang_up_stops_the_run_cleanly_and_it_resumes(sim_server, tmp_path: Path) -> None:
+    """An SSH session that drops hangs up the terminal: SIGHUP to the driver's session.
+
+    It used to kill the driver at once: run.json stayed 'running' and the interchange
+    (in a session of its own) was left behind. Now it is a stop like SIGTERM, whose
+    messages go nowhere instead of failing on the dead terminal.
+    """
+    import select
+    import threading
+
+    server = sim_server(latency_ms=100)
+    prompts = _prompts(tmp_path / "p.jsonl", 600)
+    out = tmp_path / "run"
+    driver, master = _start_on_a_terminal(["run", str(prompts), "--endpoint", server.url, "--out", str(out)])
+    reading = threading.Event()
+    reading.set()
+
+    def drain() -> None:  # the progress display must not fill the terminal's buffer and block the driver
+        while reading.is_set():
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    return
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        interchange = _interchange_of(driver)
+        _wait_rows(out, 12)
+    finally:
+        reading.clear()
+        reader.join()
+        os.close(master)  # the terminal is gone: the kernel sends SIGHUP to the driver's session
+    try:
+        driver.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        raise AssertionError("the driver hung after its terminal hung up") from None
+    assert driver.returncode == 3
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert "stopping (SIGHUP)" in (out / "logs" / "parsl-chat.log").read_text()
+    assert not _alive(interchange.pid)
     resumed = run_cli("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     df = pd.read_parquet(out / "results.parquet")
