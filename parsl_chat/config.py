@@ -14,6 +14,7 @@ import re
 import sys
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,8 +313,13 @@ class Source:
         if self.kind == "env":
             return f"environment variable {self.detail}"
         if self.kind == "cli":
-            return f"option for {self.detail}"
+            name = _OPTION_NAMES.get(self.detail, self.detail.rsplit(".", 1)[-1].replace("_", "-"))
+            return f"option --{name}"
         return "default"
+
+
+#: Settings whose command-line option is not named after the key (``agent_count`` -> ``--agents``).
+_OPTION_NAMES = {"agent_count": "agents"}
 
 
 DEFAULT = Source("default")
@@ -703,7 +709,9 @@ def _validate_run(run: RunConfig, sources: dict[str, Source]) -> None:
         raise ConfigError(f"{sources.get('limits.concurrency', DEFAULT).where()}: 'limits.concurrency' must be at least 1")
     if run.limits.max_attempts < 1:
         raise ConfigError(f"{sources.get('limits.max_attempts', DEFAULT).where()}: 'limits.max_attempts' must be at least 1")
+    _check_endpoint(run.endpoint, sources.get("endpoint", DEFAULT).where())
     for agent in run.agents:
+        _check_endpoint(agent.endpoint, sources.get(f"agents.{agent.name}.endpoint", DEFAULT).where())
         if agent.concurrency is not None and agent.concurrency < 1:
             raise ConfigError(
                 f"{sources.get(f'agents.{agent.name}.concurrency', DEFAULT).where()}: agent concurrency must be at least 1"
@@ -711,6 +719,16 @@ def _validate_run(run: RunConfig, sources: dict[str, Source]) -> None:
         if agent.weight <= 0:
             raise ConfigError(f"{sources.get(f'agents.{agent.name}.weight', DEFAULT).where()}: agent weight must be positive")
     parse_max_failures(run.max_failures, sources.get("max_failures", DEFAULT).where())
+
+
+def _check_endpoint(url: str | None, where: str) -> None:
+    """An endpoint is an http(s) base URL: anything else would fail every request, one by one."""
+    if url is None:
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        shown = "***@" + url.rsplit("@", 1)[1] if "@" in url else url  # user:password@ stays out of messages
+        raise ConfigError(f"{where}: endpoint must be an http(s) base URL like http://host:8000/v1, got {shown!r}")
 
 
 def parse_max_failures(spec: str, where: str = "--max-failures") -> tuple[int | None, float | None]:

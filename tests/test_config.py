@@ -304,6 +304,30 @@ def test_env_type_error(tmp_path: Path) -> None:
     assert msg == "environment variable PARSL_CHAT_WORKERS: 'profile.workers' must be a whole number, got 'many'"
 
 
+@pytest.mark.parametrize(
+    ("where", "kw"),
+    [
+        ("option --endpoint", {"cli": {"endpoint": "localhost:8000/v1"}}),
+        ("environment variable OPENAI_BASE_URL", {"env": {"OPENAI_BASE_URL": "localhost:8000/v1"}}),
+        ("config.yaml:3", {"config": "agents:\n  - name: a\n    endpoint: localhost:8000/v1\n"}),
+    ],
+)
+def test_endpoint_must_be_an_http_url(tmp_path: Path, where: str, kw: dict[str, Any]) -> None:
+    # without a scheme every request would fail one by one; say so once, before anything is sent
+    msg = error(tmp_path, **kw)
+    assert msg.endswith(f"{where}: endpoint must be an http(s) base URL like http://host:8000/v1, got 'localhost:8000/v1'")
+
+
+def test_bad_endpoint_message_leaves_credentials_out(tmp_path: Path) -> None:
+    msg = error(tmp_path, cli={"endpoint": "user:s3cret@gpu-node:8000/v1"})
+    assert "s3cret" not in msg and "'***@gpu-node:8000/v1'" in msg
+
+
+def test_cli_option_named_as_typed(tmp_path: Path) -> None:
+    assert error(tmp_path, cli={"agent_count": 0}).startswith("option --agents: ")
+    assert error(tmp_path, cli={"max_failures": "abc"}).startswith("option --max-failures: ")
+
+
 # --------------------------------------------------------------------------- errors with file:line
 
 
