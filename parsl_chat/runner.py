@@ -827,6 +827,7 @@ def _dispatch(
     exhausted = False
     last_tick = 0.0
     note_rows = getattr(backend, "note_rows", None)
+    all_submitted = getattr(backend, "all_submitted", None)  # the warm start's: Parsl may not be needed at all
 
     def submit(task: ChunkTask, tries: int) -> None:
         now = time.time()
@@ -834,14 +835,17 @@ def _dispatch(
             item.submitted_at = item.submitted_at or now
         pending[backend.submit(task)] = (task, tries)
 
+    # one item read ahead, so that the last chunk is known to be the last as it is sent
+    upcoming = next(items, None)
+
     def take_chunk() -> list[WorkItem]:
+        nonlocal upcoming
         batch: list[WorkItem] = []
         size = 0
-        for item in items:
-            batch.append(item)
-            size += len(item.prompts)
-            if size >= chunk_size:
-                break
+        while upcoming is not None and size < chunk_size:
+            batch.append(upcoming)
+            size += len(upcoming.prompts)
+            upcoming = next(items, None)
         return batch
 
     grace_until: float | None = None
@@ -854,11 +858,13 @@ def _dispatch(
             log.warning("stopping (%s): no new chunks, waiting up to %.0f s for %d in flight", stop.reason, grace_s, len(pending))
         while not stop and not exhausted and len(pending) < in_flight:
             batch = take_chunk()
-            if not batch:
+            if batch:
+                submit(make_task(chunk_id, batch), 0)
+                chunk_id += 1
+            if upcoming is None:
                 exhausted = True
-                break
-            submit(make_task(chunk_id, batch), 0)
-            chunk_id += 1
+                if all_submitted is not None:
+                    all_submitted()
         if not pending:
             return
         if on_turn is not None:
@@ -938,7 +944,8 @@ class WarmStartBackend:
     no new request, requests in flight finish), their unstarted items are sent again to Parsl
     by the dispatcher, and only once the in-process requests are over do chunks go to Parsl,
     so an agent's concurrency limit holds throughout. A run that ends before the hand-over
-    stops Parsl as soon as Parsl's own start is over, without waiting for its workers.
+    stops Parsl as soon as Parsl's own start is over, without waiting for its workers; so
+    does one whose every chunk was sent before the hand-over (:meth:`all_submitted`).
     """
 
     def __init__(self, parsl: Any, threads: int, drain_file: Path, stop_file: Path) -> None:
@@ -953,6 +960,7 @@ class WarmStartBackend:
         self._error: BaseException | None = None
         self._local: set[Future[list[dict[str, Any]]]] = set()
         self._handed_over = False
+        self._parsl_stopping: Future[None] | None = None  # set once every chunk stays in this process
         self.handover_s: float | None = None
 
     def __repr__(self) -> str:
@@ -981,7 +989,7 @@ class WarmStartBackend:
         threading.Thread(target=boot, name="parsl-chat-warm-start", daemon=True).start()
 
     def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
-        if not self._ready.is_set():
+        if not self._ready.is_set() or self._parsl_stopping is not None:
             if self.stop_file.exists():  # the run is stopping: in-process chunks stop too
                 self.drain_file.touch()
             local = replace(task, slots=[a.concurrency for a in task.agents], stop_file=str(self.drain_file))
@@ -999,9 +1007,32 @@ class WarmStartBackend:
             log.info("warm start: Parsl workers took over after %.1f s", self.handover_s or 0.0)
         return self.parsl.submit(task)
 
+    def all_submitted(self) -> None:
+        """The dispatcher has nothing more to send (a chunk sent again still comes here).
+
+        Before the hand-over every chunk is in this process already, and Parsl's workers
+        would start (imports in four processes: seconds of CPU that a model server on
+        the same cores needs) only to be stopped at the end: stop Parsl now, in the background.
+        """
+        if self._handed_over or self._parsl_stopping is not None:
+            return
+        log.info("warm start: every chunk runs in this process; stopping Parsl's start")
+        self._wake.set()  # no waiting for a warm-up task
+        stopping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parsl-chat-parsl-stop")
+        self._parsl_stopping = stopping.submit(self._stop_parsl)
+        stopping.shutdown(wait=False)
+
+    def _stop_parsl(self) -> None:
+        self._ready.wait(timeout=60)  # Parsl's own start is over, so its cleanup finds all it started
+        self.parsl.shutdown()
+
     def shutdown(self) -> None:
         self.drain_file.touch()
         self.local.shutdown()
+        if self._parsl_stopping is not None:
+            self._parsl_stopping.result()
+            self.drain_file.unlink(missing_ok=True)
+            return
         if not self._handed_over:
             # the run ended before the hand-over: no waiting for Parsl's workers to come up
             # (seconds), only for Parsl's own start, so that its cleanup finds all it started
