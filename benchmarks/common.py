@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -338,11 +339,18 @@ def run_parsl_chat(
     if t.rc != 0:
         result["error"] = (t.stderr or t.stdout)[-2000:]
         ctx.log(f"    ! parsl-chat exited {t.rc}: {(t.stderr or t.stdout)[-600:]}")
+    if t.rc == 2:  # refused before sending anything: whatever is in `out` is not this run's
+        return result
     result.update(run_dir_stats(out, t.t0))
     result.update(phase_peaks(t.samples, result.get("first_request_s"), result.get("last_result_s")))
     if not ctx.keep_runs:
         shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def run_dir_name(rnd: int, index: int, label: str) -> str:
+    """A run directory's name for the ``index``-th run of variant ``label`` in round ``rnd`` (unique per variant)."""
+    return f"run-{rnd}-{index}-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def phase_peaks(samples: list[tuple[float, float]], first: float | None, last: float | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from common import (
     md_table,
     med,
     proposed_env,
+    run_dir_name,
     run_parsl_chat,
     run_script,
     simulated,
@@ -89,7 +90,7 @@ def measure(ctx: Context, name: str, *, n: int, concurrency: int, latency_ms: fl
         for rnd, label in interleaved(list(variants), repeats):
             ctx.log(f"  [{name}] round {rnd + 1}/{repeats}: {label} (N={n}, C={concurrency}, latency {latency_ms:g} ms)")
             load = loadavg()
-            result = variants[label](work / f"run-{rnd}-{len(runs.get(label, []))}-{abs(hash(label)) % 10_000}")
+            result = variants[label](work / run_dir_name(rnd, len(runs.get(label, [])), label))
             result["round"] = rnd
             result["loadavg_before"] = load
             result["prompts_per_s"] = n / result["wall_s"] if result.get("wall_s") else None

@@ -23,6 +23,7 @@ from common import (
     md_table,
     med,
     proposed_env,
+    run_dir_name,
     run_parsl_chat,
     run_script,
     write_result,
@@ -55,7 +56,9 @@ def run(ctx: Context) -> dict[str, Any]:
     from parsl_chat.config import ServerConfig
     from parsl_chat.server import ModelServer
 
-    n, max_tokens = (6, 24) if ctx.quick else (48, 48)
+    # 144 prompts: about a minute per run here. With 48 (20 s) the warm start answered every chunk in
+    # the driver before Parsl's workers were up, so the Parsl variant never ran a request on Parsl.
+    n, max_tokens = (6, 24) if ctx.quick else (144, 48)
     work = ctx.scratch("model")
     prompts = work / "prompts.jsonl"
     with prompts.open("w") as fh:
@@ -97,7 +100,7 @@ def run(ctx: Context) -> dict[str, Any]:
             variants["parsl-chat + proposals (Parsl HTEX)"] = lambda out: run_parsl_chat(ctx, prompts, out, *common, env=env)
         for rnd, label in interleaved(list(variants), ctx.repeats):
             ctx.log(f"  [model] round {rnd + 1}/{ctx.repeats}: {label} (N={n}, {in_flight} in flight, max_tokens {max_tokens})")
-            result = variants[label](work / f"run-{rnd}-{len(runs.get(label, []))}-{label[:10].replace(' ', '_')}")
+            result = variants[label](work / run_dir_name(rnd, len(runs.get(label, [])), label))
             result["round"] = rnd
             tokens = result.get("completion_tokens") or 0
             result["tokens_per_s"] = tokens / result["wall_s"] if result.get("wall_s") else None
