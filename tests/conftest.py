@@ -76,17 +76,22 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without the user's parsl-chat/OpenAI settings (they would change what a test runs), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    env.update(extra or {})
+    return env
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``parsl-chat`` as users do: a separate process, real exit code."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
-    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "parsl_chat", *args],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=clean_env(env),
         input=input,
         timeout=timeout,
         cwd=cwd or REPO,

@@ -8,14 +8,12 @@ answered, figures are positive and ratios are in range.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, clean_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +22,7 @@ pytestmark = pytest.mark.slow
 def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     results = tmp_path_factory.mktemp("bench-results")
     work = tmp_path_factory.mktemp("bench-work")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    env = clean_env()
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "fanout,routing",
          "--results", str(results), "--work", str(work)],

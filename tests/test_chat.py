@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, clean_env, run_cli
 
 from parsl_chat.agents import AgentSpec
 from parsl_chat.chat import ChatConfig, ChatSession, RequestStat, summarize_requests
@@ -232,7 +231,7 @@ def test_terminal_session_on_the_embedded_model(embedded_server: str, tmp_path: 
     pexpect = pytest.importorskip("pexpect")
     config = tmp_path / "agents.yaml"
     config.write_text(SMALL_CONFIG)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    env = clean_env()
     # a pty answers no cursor-position requests: don't make prompt_toolkit wait for them
     env.update(XDG_DATA_HOME=str(tmp_path), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
     argv = ["-m", "parsl_chat", "chat", "--endpoint", embedded_server, "--model", "smollm2-135m-instruct"]

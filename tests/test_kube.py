@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO, run_cli
+from conftest import EXAMPLES, REPO, clean_env, run_cli
 
 from parsl_chat.runner import run_id_for
 
@@ -166,7 +166,7 @@ class Driver:
     """``parsl-chat run`` in the background, so that a test can signal or kill it mid-run."""
 
     def __init__(self, *args: str, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+        env = clean_env()
         self.log = log
         with open(log, "w") as out:
             self.proc = subprocess.Popen(

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import psutil
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, clean_env, run_cli
 
 from parsl_chat.ledger import read_ledger
 
@@ -26,9 +26,8 @@ def _prompts(path: Path, n: int) -> Path:
 
 
 def _start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
     # Parsl-specific faults need Parsl's processes from the start, not the warm-start driver
-    env.update(extra_env or {"PARSL_CHAT_WARM_START": "0"})
+    env = clean_env(extra_env or {"PARSL_CHAT_WARM_START": "0"})
     return subprocess.Popen(
         [sys.executable, "-m", "parsl_chat", *args],
         cwd=REPO,
@@ -269,7 +268,7 @@ def test_full_disk_stops_cleanly_with_the_ledger_intact(sim_server, tmp_path: Pa
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i} " + "x" * 200}) + "\n" for i in range(3000)))
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    env = clean_env()
     limited = subprocess.run(
         ["bash", "-c", f'ulimit -f 512 && exec "{sys.executable}" -m parsl_chat run {prompts} --endpoint {server.url} '
          f"--out {out} --no-parsl --quiet"],
@@ -337,7 +336,7 @@ def _start_on_a_terminal(args: list[str]) -> tuple[subprocess.Popen[bytes], int]
     import termios
 
     master, slave = os.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    env = clean_env()
     driver = subprocess.Popen(
         [sys.executable, "-m", "parsl_chat", *args],
         cwd=REPO,

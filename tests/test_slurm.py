@@ -7,7 +7,6 @@ nodes (n1, n2) and no job may be left in the queue afterwards.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import EXAMPLES, REPO, run_cli
+from conftest import EXAMPLES, REPO, clean_env, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -87,7 +86,7 @@ def test_killed_driver_leaves_a_job_that_cleanup_cancels(slurm_cluster, slurm_cl
     server = sim_server(latency_ms=500)
     out = tmp_path / "run"
     prompts = _prompts(tmp_path / "p.jsonl", 400)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARSL_CHAT_", "OPENAI_"))}
+    env = clean_env()
     driver = subprocess.Popen(
         [sys.executable, "-m", "parsl_chat", "run", str(prompts), "--profile", "slurm",
          "--endpoint", server.url, "--out", str(out)],
