@@ -1023,23 +1023,21 @@ class WarmStartBackend:
         stopping.shutdown(wait=False)
 
     def _stop_parsl(self) -> None:
-        self._ready.wait(timeout=60)  # Parsl's own start is over, so its cleanup finds all it started
-        self.parsl.shutdown()
+        # no waiting for Parsl's workers to come up (seconds), only for Parsl's own start,
+        # so that its cleanup finds all it started: never leave a half-started Parsl behind
+        self._ready.wait(timeout=60)
+        self.parsl.shutdown()  # cancels the block being started (worker pool) and ends the interchange
 
     def shutdown(self) -> None:
         self.drain_file.touch()
         self.local.shutdown()
         if self._parsl_stopping is not None:
             self._parsl_stopping.result()
-            self.drain_file.unlink(missing_ok=True)
-            return
-        if not self._handed_over:
-            # the run ended before the hand-over: no waiting for Parsl's workers to come up
-            # (seconds), only for Parsl's own start, so that its cleanup finds all it started
-            log.info("warm start: the run ended before Parsl's workers took over; stopping Parsl")
-            self._wake.set()
-        self._ready.wait(timeout=60)  # never leave a half-started Parsl behind
-        self.parsl.shutdown()  # cancels the block being started (worker pool) and ends the interchange
+        else:
+            if not self._handed_over:
+                log.info("warm start: the run ended before Parsl's workers took over; stopping Parsl")
+                self._wake.set()
+            self._stop_parsl()
         self.drain_file.unlink(missing_ok=True)
 
 
