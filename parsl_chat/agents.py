@@ -14,9 +14,9 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import httpx
@@ -26,8 +26,10 @@ from .config import AgentConfig, RunConfig, Secret, Settings
 __all__ = [
     "ERROR_TYPES",
     "TRANSIENT",
+    "UNFINISHED",
     "AgentSpec",
     "Outcome",
+    "Recovery",
     "RequestFailure",
     "chat_completion",
     "classify_status",
@@ -49,6 +51,13 @@ ERROR_TYPES = (
 )
 #: failures worth another attempt; the rest fail the prompt at once
 TRANSIENT = frozenset({"rate_limit", "server_error", "timeout", "connection"})
+#: an outcome that is not final: the run's own transition (a stop, a drain, a model server
+#: that is down) cut the prompt short, so it goes back to the queue or to the next --resume
+UNFINISHED = "unfinished"
+
+#: ``recover``'s answer after a connection failure: the endpoint was down and is back
+#: (try again, the attempt does not count), it is up (an ordinary failure), or it is gone
+Recovery = Literal["back", "up", "gone"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,7 @@ def _normalise_endpoint(url: str) -> str:
 class Outcome:
     """What became of one request after all its attempts."""
 
-    status: str  # ok | error
+    status: str  # ok | error | unfinished (see UNFINISHED)
     attempts: int
     started_at: float | None
     finished_at: float | None
@@ -144,6 +153,11 @@ class RequestFailure(Exception):
         self.retry_after_s = retry_after_s
 
 
+#: how servers say a prompt is too long: OpenAI and vLLM, llama-cpp-python ("exceed context
+#: window"), llama.cpp's llama-server ("exceeds the available context size")
+_CONTEXT_WORDS = ("context_length", "context length", "maximum context", "context window", "context size")
+
+
 def classify_status(status: int, body: str) -> str:
     if status == 429:
         return "rate_limit"
@@ -154,7 +168,7 @@ def classify_status(status: int, body: str) -> str:
     if status == 408:
         return "timeout"
     lowered = body.lower()
-    if "context_length" in lowered or "context length" in lowered or "maximum context" in lowered:
+    if status == 413 or any(words in lowered for words in _CONTEXT_WORDS):  # 413: a proxy refused the body's size
         return "context_length"
     if 400 <= status < 500:
         return "bad_request"
@@ -282,11 +296,32 @@ async def chat_completion(
     backoff_max_s: float = 30.0,
     on_failure: Callable[[RequestFailure], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    recover: Callable[[], Awaitable[Recovery]] | None = None,
 ) -> Outcome:
-    """Send one chat request, retrying transient failures; the result never raises."""
+    """Send one chat request, retrying transient failures; the result never raises.
+
+    A retry that ``should_stop`` prevents (the run is stopping, or a warm start hands over)
+    is not a failure: the outcome is :data:`UNFINISHED`, and the prompt is sent again later.
+    ``recover`` is asked after a connection failure when parsl-chat runs the endpoint's
+    model server: a server that died and is back costs no attempt; one that is gone leaves
+    the prompt unfinished.
+    """
     body = build_body(agent, messages, model, params or {})
     started = time.time()
     attempt = 0
+    free_retries = 3  # a server that keeps dying mid-answer: then the attempts count again
+
+    def unfinished(failure: RequestFailure) -> Outcome:
+        return Outcome(
+            status=UNFINISHED,
+            attempts=attempt,
+            started_at=started,
+            finished_at=time.time(),
+            model=body["model"],
+            error_type=failure.error_type,
+            error=_scrub(str(failure), agent),
+        )
+
     while True:
         attempt += 1
         try:
@@ -295,21 +330,29 @@ async def chat_completion(
         except RequestFailure as failure:
             if on_failure is not None:
                 on_failure(failure)
-            last = failure
-            retry = failure.error_type in TRANSIENT and attempt < max_attempts
-            if retry and should_stop is not None and should_stop():
-                retry = False
-            if not retry:
+            if failure.error_type == "connection" and recover is not None:
+                recovery = await recover()
+                if recovery == "back" and free_retries > 0:
+                    free_retries -= 1
+                    attempt -= 1  # the server's death, not this prompt's failure
+                    continue
+                if recovery == "gone":
+                    return unfinished(failure)
+            if failure.error_type not in TRANSIENT or attempt >= max_attempts:
                 return Outcome(
                     status="error",
                     attempts=attempt,
                     started_at=started,
                     finished_at=time.time(),
                     model=body["model"],
-                    error_type=last.error_type,
-                    error=_scrub(str(last), agent),
+                    error_type=failure.error_type,
+                    error=_scrub(str(failure), agent),
                 )
+            if should_stop is not None and should_stop():
+                return unfinished(failure)
             await asyncio.sleep(backoff_delay(attempt, backoff_s, backoff_max_s, failure.retry_after_s))
+            if should_stop is not None and should_stop():  # the stop came during the backoff
+                return unfinished(failure)
 
 
 async def stream_chat(

@@ -479,7 +479,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
     run = _run(df)
     wall = wall_clock(df)
     wall_s = wall["wall_s"]
-    counts = _counts(df)
+    counts = {**_counts(df), "unfinished": int(run.get("unfinished") or 0)}
     tokens, throughput = _throughput(df, counts, wall_s)
     allocation = _allocation(df, wall)
     summary: dict[str, Any] = {
@@ -495,7 +495,7 @@ def summarize(df: pd.DataFrame) -> dict[str, Any]:
         **_efficiency(df, run, wall_s),
         "agents": _agents(df, run, wall_s),
         "nodes": _nodes(df, wall_s),
-        "workers": _workers(df, wall_s, _slots_per_worker(run)),
+        "workers": _workers(df, run, wall_s),
         "allocation": allocation,
         "cost": _cost(df, run, wall_s, allocation, tokens),
         "errors": _errors(df),
@@ -653,6 +653,11 @@ def _run_section(df: pd.DataFrame, run: Mapping[str, Any], counts: Mapping[str, 
     partial = status in PARTIAL_STATUSES or source == "ledger.jsonl"
     if status in ("running", "interrupted"):
         notes.append(f"run status is {status!r}: the numbers cover the {counts['prompts']} prompt(s) recorded so far")
+    if counts.get("unfinished"):
+        notes.append(
+            f"{counts['unfinished']} prompt(s) unfinished at the stop ({run.get('stop_reason') or 'stopped'}): "
+            "not failed, 'parsl-chat run --resume' sends them"
+        )
     elif status == "failed":
         notes.append(
             f"run status is 'failed': {counts['error']} of {counts['prompts']} prompts failed, "
@@ -979,34 +984,52 @@ def _slots_per_worker(run: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _workers(df: pd.DataFrame, wall_s: float | None, slots: float | None = None) -> list[dict[str, Any]]:
-    """One entry per (node, worker). ``utilisation`` = busy_s / (slots per worker x wall_s):
-    1.0 means every request slot of the worker was busy the whole run (without
-    ``workers``/``agent_slots`` in run.json, slots count as 1). Rows as in :func:`_nodes`."""
+def _workers(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> list[dict[str, Any]]:
+    """One entry per (node, worker). ``slots``: the requests it may have in flight at once,
+    ``agent_slots`` / ``workers`` for a Parsl worker and every agent slot of the run for the
+    driver's own process (``run.json`` ``driver_workers``: ``--no-parsl``, and a warm start's
+    first chunks); without those in run.json, 1. ``utilisation`` = busy_s / (slots x wall_s):
+    1.0 means every slot of the worker was busy the whole run. Rows as in :func:`_nodes`."""
     df = _ran(df)
     place = _place(df)
     worker = _label(df["worker"], "unknown")
+    per_worker = _slots_per_worker(run) or 1.0
+    driver = {str(w) for w in run.get("driver_workers") or []}
     out = []
     for row in _group_records(df, {"node": place, "worker": worker}):
+        slots = float(_slots(run) or per_worker) if str(row["worker"]) in driver else per_worker
         out.append(
             {
                 "worker": str(row["worker"]),
                 "node": str(row["node"]),
+                "slots": slots,
                 "prompts": int(row["prompts"]),
                 "ok": int(row["ok"]),
                 "error": int(row["error"]),
                 "busy_s": float(row["busy_s"]),
-                "utilisation": _ratio(float(row["busy_s"]), wall_s * (slots or 1.0) if wall_s else None),
+                "utilisation": _ratio(float(row["busy_s"]), wall_s * slots if wall_s else None),
             }
         )
     return out
 
 
 def _block_rows(df: pd.DataFrame, block: Mapping[str, Any]) -> pd.Series:
-    """Rows that ran on ``block``: same ``block`` id, or (no block id) on one of its nodes."""
-    name = str(block.get("block"))
-    nodes = [str(n) for n in block.get("nodes") or []]
-    return (df["block"] == name).fillna(False) | (df["block"].isna() & _place(df).isin(nodes))
+    """Rows that ran on ``block``, started while it was up: each driver of a resumed run numbers
+    its blocks from 0 again. Rows with the same ``block`` id; for a block without an id (a
+    driver's own process: ``--no-parsl``, a warm start's first chunks), rows without one on its nodes."""
+    name = block.get("block")
+    if name is not None:
+        rows = (df["block"] == str(name)).fillna(False)
+    else:
+        nodes = [str(n) for n in block.get("nodes") or []]
+        rows = df["block"].isna() & _place(df).isin(nodes)
+    began, ended = _parse_time(block.get("submitted_at")), _parse_time(block.get("ended_at"))
+    started = pd.to_datetime(df["started_at"], utc=True)
+    if began is not None:
+        rows &= (started >= began).fillna(False)
+    if ended is not None:
+        rows &= (started <= ended).fillna(False)
+    return rows
 
 
 def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -1036,7 +1059,9 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
         out_blocks.append(entry)
         for node in nodes:
             node_alloc[node] = node_alloc.get(node, 0.0) + (entry["duration_s"] or 0.0)
-    union = _union_by_group(place, df["started_at"], df["finished_at"])
+    on_blocks = np.logical_or.reduce([_block_rows(df, b).to_numpy(dtype=bool) for b in blocks])
+    # busy: only the requests that ran on the blocks counted as allocated (not a warm start's driver)
+    union = _union_by_group(place[on_blocks], df["started_at"][on_blocks], df["finished_at"][on_blocks])
     per_node: list[dict[str, Any]] = []
     for node, allocated in node_alloc.items():
         busy = union.get(node, 0.0)

@@ -202,16 +202,19 @@ def chat(session_name: str | None, list_sessions: bool, no_parsl: bool, **opts: 
 
 @cli.command()
 @click.argument("prompts")
-def validate(prompts: str) -> None:
+@click.option("--config", "config_file", help="Agents and limits YAML (limits.max_line_mb: the longest line accepted).")
+def validate(prompts: str, config_file: str | None) -> None:
     """Check a prompts file line by line; send nothing. Exit 2 if any line is bad."""
     import tempfile
 
+    from .config import load_settings
     from .errors import InputError
     from .prompts import PromptSource, scan, spool_stdin
 
+    limit = load_settings("local", config_file, {}).run.limits.max_line_bytes
     if prompts == "-":
         prompts = str(spool_stdin(Path(tempfile.mkdtemp(prefix="parsl-chat-"))))
-    result = scan(PromptSource(prompts))
+    result = scan(PromptSource(prompts, max_line_bytes=limit))
     if not result.ok:
         raise InputError(
             f"{prompts}: {result.problem_count} bad line(s), {result.valid} valid prompt(s)",

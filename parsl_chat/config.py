@@ -170,6 +170,11 @@ class LimitsConfig:
     backoff_s: float = 0.5
     backoff_max_s: float = 30.0
     chunk_size: int = 0  # prompts per Parsl task; 0: chosen from the concurrency
+    max_line_mb: float = 64.0  # a prompts-file line (one prompt) may be this big; longer lines are refused
+
+    @property
+    def max_line_bytes(self) -> int:
+        return int(self.max_line_mb * (1 << 20))
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,7 @@ class ServerConfig:
     ready_path: str = "/v1/models"
     ready_timeout_s: float = 180.0
     context_tokens: int = 2048
+    max_restarts: int = 3  # a server that dies mid-run is restarted this often per node, then the run stops (exit 3)
 
 
 @dataclass(frozen=True)
@@ -709,6 +715,10 @@ def _validate_run(run: RunConfig, sources: dict[str, Source]) -> None:
         raise ConfigError(f"{sources.get('limits.concurrency', DEFAULT).where()}: 'limits.concurrency' must be at least 1")
     if run.limits.max_attempts < 1:
         raise ConfigError(f"{sources.get('limits.max_attempts', DEFAULT).where()}: 'limits.max_attempts' must be at least 1")
+    if not run.limits.max_line_mb > 0:
+        raise ConfigError(f"{sources.get('limits.max_line_mb', DEFAULT).where()}: 'limits.max_line_mb' must be positive")
+    if run.server.max_restarts < 0:
+        raise ConfigError(f"{sources.get('server.max_restarts', DEFAULT).where()}: 'server.max_restarts' must be 0 or more")
     _check_endpoint(run.endpoint, sources.get("endpoint", DEFAULT).where())
     for agent in run.agents:
         _check_endpoint(agent.endpoint, sources.get(f"agents.{agent.name}.endpoint", DEFAULT).where())

@@ -15,6 +15,7 @@ __all__ = [
     "RunFailed",
     "RunInterrupted",
     "ServerError",
+    "ServerLost",
     "UsageError",
 ]
 
@@ -56,6 +57,12 @@ class ServerError(ParslChatError):
     """The model server could not be started or never became ready."""
 
     exit_code = 2
+
+
+class ServerLost(ServerError):
+    """A model server that ran died and cannot be restarted: the run stops, to be resumed."""
+
+    exit_code = 3
 
 
 class ExecutorError(ParslChatError):

@@ -20,21 +20,25 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 
-from .agents import AgentSpec, Outcome, RequestFailure, chat_completion
+from .agents import UNFINISHED, AgentSpec, Outcome, RequestFailure, chat_completion
 from .config import LimitsConfig
 from .limits import AgentLimits
+from .supervision import ServerWatch
 
 __all__ = [
     "Backend",
     "ChunkTask",
     "InProcessBackend",
     "WorkItem",
+    "driver_worker_name",
     "iso",
     "run_chunk",
+    "unfinished_rows",
     "where_am_i",
 ]
 
@@ -70,6 +74,11 @@ class ChunkTask:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def driver_worker_name(node: str) -> str:
+    """The ``worker`` column of rows run in this process itself, not by a Parsl worker."""
+    return f"{node}/p{os.getpid()}"
+
+
 def where_am_i() -> dict[str, str | None]:
     """Placement columns for the rows this process produces."""
     hostname = socket.gethostname()
@@ -77,7 +86,9 @@ def where_am_i() -> dict[str, str | None]:
     rank = os.environ.get("PARSL_WORKER_RANK")
     # several pods share a Kubernetes node: name the pod, so workers stay distinct
     host = os.environ.get("PARSL_CHAT_POD_NAME") or node
-    worker = f"{host}/w{rank}" if rank is not None else f"{node}/p{os.getpid()}-t{threading.get_ident() % 10000}"
+    # in-process chunks (--no-parsl, a warm start's first ones) share one process's agent limits:
+    # the process is the worker, whichever of its threads ran the chunk
+    worker = f"{host}/w{rank}" if rank is not None else driver_worker_name(node)
     return {
         "hostname": hostname,
         "node": node,
@@ -99,6 +110,9 @@ class _WorkerState:
         self.thread.start()
         self.client: aiohttp.ClientSession | None = None
         self.limits: dict[tuple[str, str], AgentLimits] = {}
+        #: restarts this node's model server; a thread that lives as long as the process,
+        #: since the server dies with the thread that started it
+        self.server_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parsl-chat-server")
 
     def get_client(self) -> aiohttp.ClientSession:
         """Called on the loop thread (a session binds to its loop)."""
@@ -159,10 +173,14 @@ def run_chunk(task: ChunkTask) -> list[dict[str, Any]]:
 
 
 async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any]]:
+    """A row per prompt: final ones (ok or error) and, for prompts a stop, a drain or a model server
+    that is gone cut short, ``unfinished`` ones the driver does not record (:func:`unfinished_rows`)."""
     place = where_am_i()
+    stopping = _stop_check(task.stop_file)
     agents = task.agents
     if task.node_server is not None:
         agents = _with_node_server(task)
+    watches = _server_watches(task, agents, state, stopping)
     client = state.get_client()
     limits = [state.limits_for(task.run_id, a, s, task.limits) for a, s in zip(agents, task.slots, strict=True)]
     own: list[deque[WorkItem]] = [deque() for _ in agents]
@@ -170,17 +188,6 @@ async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any
     for item in task.items:
         (shared if item.agent is None else own[item.agent]).append(item)
     rows: list[dict[str, Any]] = []
-    stop_checked = [0.0, False]
-
-    def stopping() -> bool:
-        # a stat per item is cheap, but at thousands of items/s it is worth rate-limiting
-        if task.stop_file is None:
-            return False
-        now = time.monotonic()
-        if now - stop_checked[0] > 0.2:
-            stop_checked[0] = now
-            stop_checked[1] = os.path.exists(task.stop_file)
-        return bool(stop_checked[1])
 
     def worth_taking(idx: int) -> bool:
         """least_loaded: a slow agent leaves the chunk's last shared items to faster ones.
@@ -199,10 +206,10 @@ async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any
         return len(shared) > faster * mine
 
     async def slot_loop(idx: int) -> None:
-        agent, lim = agents[idx], limits[idx]
+        agent, lim, watch = agents[idx], limits[idx], watches.get(agents[idx].endpoint)
         while True:
-            if stopping():
-                return
+            if stopping() or (watch is not None and watch.gone is not None):
+                return  # the rest of the chunk goes back to the driver unstarted
             if own[idx]:
                 item = own[idx].popleft()
             elif shared:
@@ -212,24 +219,77 @@ async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[dict[str, Any
                 item = shared.popleft()
             else:
                 return
-            await _run_item(item, idx, agent, lim, client, task, place, rows, stopping)
+            finished = await _run_item(item, agent, lim, client, task, place, stopping, watch)
+            rows.extend(finished)
+            if finished and finished[-1]["status"] == UNFINISHED:
+                return
 
     runners = [asyncio.create_task(slot_loop(i)) for i, s in enumerate(task.slots) for _ in range(s)]
     await asyncio.gather(*runners)
     return rows
 
 
+def _stop_check(stop_file: str | None) -> Callable[[], bool]:
+    """Whether ``stop_file`` exists: start nothing new, retry nothing. Checked at most every 0.2 s."""
+    checked = [0.0, False]
+
+    def stopping() -> bool:
+        # a stat per item is cheap, but at thousands of items/s it is worth rate-limiting
+        if stop_file is None:
+            return False
+        now = time.monotonic()
+        if now - checked[0] > 0.2:
+            checked[0] = now
+            checked[1] = os.path.exists(stop_file)
+        return bool(checked[1])
+
+    return stopping
+
+
+def _server_watches(
+    task: ChunkTask, agents: list[AgentSpec], state: _WorkerState, stopping: Callable[[], bool]
+) -> dict[str, ServerWatch]:
+    """A watch per model server that parsl-chat runs for this chunk's agents, by endpoint."""
+    watches: dict[str, ServerWatch] = {}
+    driver_server = task.extra.get("driver_server")
+    placeholder = task.extra.get("node_endpoint_placeholder")
+    for before, agent in zip(task.agents, agents, strict=True):
+        if agent.endpoint in watches:
+            continue
+        if task.node_server is not None and before.endpoint == placeholder:
+            watches[agent.endpoint] = ServerWatch(
+                agent.endpoint, stopping=stopping, restart=lambda: _node_server_url(task), starter=state.server_starter
+            )
+        elif driver_server is not None and agent.endpoint == driver_server:
+            wait_s = float(task.extra.get("driver_server_wait_s") or 60.0)
+            watches[agent.endpoint] = ServerWatch(agent.endpoint, stopping=stopping, wait_s=wait_s)
+    return watches
+
+
+def unfinished_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(final, unfinished)``: the rows to record, and those the run's own transitions cut short."""
+    final = [row for row in rows if row["status"] != UNFINISHED]
+    if len(final) == len(rows):
+        return rows, []
+    return final, [row for row in rows if row["status"] == UNFINISHED]
+
+
 async def _run_item(
     item: WorkItem,
-    idx: int,
     agent: AgentSpec,
     lim: AgentLimits,
     client: aiohttp.ClientSession,
     task: ChunkTask,
     place: dict[str, str | None],
-    rows: list[dict[str, Any]],
     stopping: Callable[[], bool],
-) -> None:
+    watch: ServerWatch | None,
+) -> list[dict[str, Any]]:
+    """The item's rows; one ``unfinished`` row per prompt if any turn of it was cut short.
+
+    A conversation is all or nothing: its turns run in order on one agent, so a turn cut
+    short sends the whole conversation again (its earlier answers are not recorded).
+    """
+    rows: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = [{"role": "system", "content": agent.system_prompt}] if agent.system_prompt else []
     failed_turn: int | None = None
     for prompt in item.prompts:
@@ -264,7 +324,11 @@ async def _run_item(
                     backoff_max_s=task.limits.backoff_max_s,
                     on_failure=note,
                     should_stop=stopping,
+                    recover=watch.recover if watch is not None else None,
                 )
+                if outcome.status == UNFINISHED:
+                    gone = watch.gone if watch is not None else None
+                    return [_unfinished_row(p, item, gone or outcome.error, server_down=gone is not None) for p in item.prompts]
                 if outcome.status == "ok":
                     if outcome.finished_at is not None and outcome.started_at is not None:
                         lim.observe_latency(outcome.finished_at - outcome.started_at)
@@ -273,6 +337,19 @@ async def _run_item(
         if outcome.status != "ok" and failed_turn is None and prompt.get("conversation") is not None:
             failed_turn = prompt.get("turn") or 0
         history = history + messages + [{"role": "assistant", "content": outcome.response or ""}]
+    return rows
+
+
+def _unfinished_row(prompt: dict[str, Any], item: WorkItem, why: str | None, *, server_down: bool) -> dict[str, Any]:
+    """What the driver learns of a prompt cut short: which one, why, and whether its model server is gone."""
+    return {
+        "custom_id": prompt["custom_id"],
+        "line": prompt["line"],
+        "status": UNFINISHED,
+        "error_type": "server_down" if server_down else "interrupted",
+        "error": why,
+        "submitted_at": iso(item.submitted_at),
+    }
 
 
 def _row(
@@ -305,6 +382,19 @@ def _row(
     }
 
 
+def _node_server_url(task: ChunkTask) -> str:
+    """This node's model server for the run, started (or restarted, within its limit) if it is not up."""
+    from .server import node_server
+
+    log_dir = task.extra.get("log_dir")
+    return node_server(
+        task.node_server,
+        task.run_id,
+        driver=task.extra.get("driver_session"),
+        crash_dir=Path(log_dir) if log_dir and os.path.isdir(log_dir) else None,
+    )
+
+
 def _with_node_server(task: ChunkTask) -> list[AgentSpec]:
     """Point agents without an endpoint of their own at this node's model server.
 
@@ -312,9 +402,7 @@ def _with_node_server(task: ChunkTask) -> list[AgentSpec]:
     the server has gone, the server went with it and this call starts a new one.
     Called on the worker's long-lived loop thread, which the server's lifetime is tied to.
     """
-    from .server import node_server
-
-    url = node_server(task.node_server, task.run_id)
+    url = _node_server_url(task)
     placeholder = task.extra.get("node_endpoint_placeholder")
     return [replace(a, endpoint=url) if a.endpoint == placeholder else a for a in task.agents]
 

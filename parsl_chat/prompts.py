@@ -8,6 +8,7 @@ Nothing here holds the whole file in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
+    "BIG_LINE_BYTES",
     "MAX_LINE_BYTES",
     "LineProblem",
     "Prompt",
@@ -32,7 +34,11 @@ __all__ = [
     "spool_stdin",
 ]
 
-MAX_LINE_BYTES = 1 << 20  # 1 MiB: far above any real prompt, small enough to never exhaust memory
+#: 64 MiB (``limits.max_line_mb``): a long document, or a vision request with base64 images,
+#: is one line; one line is all that is read at a time, so memory stays flat past it
+MAX_LINE_BYTES = 64 << 20
+#: lines above this size carry their size (``Prompt.line_bytes``), so chunks can be kept small in bytes
+BIG_LINE_BYTES = 64 << 10
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TOP_LEVEL_KEYS = ("prompt", "messages", "id", "custom_id", "agent", "conversation", "params", "method", "url", "body", "metadata")
 BATCH_URLS = ("/v1/chat/completions", "/chat/completions")
@@ -51,6 +57,7 @@ class Prompt:
     turn: int | None = None
     model: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    line_bytes: int = 0  # the line's size when over BIG_LINE_BYTES, else 0
 
     @property
     def digest(self) -> str:
@@ -64,7 +71,7 @@ class Prompt:
         return hashlib.blake2b(canon.encode(), digest_size=8).hexdigest()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        record = {
             "custom_id": self.custom_id,
             "line": self.line,
             "messages": list(self.messages),
@@ -74,6 +81,9 @@ class Prompt:
             "model": self.model,
             "params": self.params,
         }
+        if self.line_bytes:
+            record["line_bytes"] = self.line_bytes
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Prompt:
@@ -86,6 +96,7 @@ class Prompt:
             turn=data.get("turn"),
             model=data.get("model"),
             params=data.get("params") or {},
+            line_bytes=data.get("line_bytes") or 0,
         )
 
 
@@ -147,7 +158,7 @@ class PromptSource:
         turns: dict[str, int] = {}
         for lineno, raw in self._raw_lines():
             if raw is None:
-                yield LineProblem(where, lineno, f"line is longer than {self.max_line_bytes} bytes")
+                yield LineProblem(where, lineno, _too_long(self.max_line_bytes))
                 continue
             try:
                 text = raw.decode("utf-8")
@@ -167,20 +178,21 @@ class PromptSource:
                 turn = turns.get(item.conversation, 0) + 1
                 turns[item.conversation] = turn
                 item = _with_turn(item, turn)
+            if isinstance(item, Prompt) and len(raw) > BIG_LINE_BYTES:
+                item = dataclasses.replace(item, line_bytes=len(raw))
             yield item
 
 
-def _with_turn(prompt: Prompt, turn: int) -> Prompt:
-    return Prompt(
-        custom_id=prompt.custom_id,
-        line=prompt.line,
-        messages=prompt.messages,
-        agent=prompt.agent,
-        conversation=prompt.conversation,
-        turn=turn,
-        model=prompt.model,
-        params=prompt.params,
+def _too_long(limit: int) -> str:
+    size = f"{limit / (1 << 20):g} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+    return (
+        f"line is longer than {size}, the limit for one prompt (limits.max_line_mb); "
+        "raise it in a --config file (limits: {max_line_mb: N}) or with PARSL_CHAT_LIMITS_MAX_LINE_MB=N"
     )
+
+
+def _with_turn(prompt: Prompt, turn: int) -> Prompt:
+    return dataclasses.replace(prompt, turn=turn)
 
 
 def _parse_json_line(where: str, lineno: int, text: str) -> Prompt | LineProblem:

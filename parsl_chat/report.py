@@ -179,6 +179,10 @@ def _table(title: str, *columns: str, caption: str | None = None) -> Table:
     return table
 
 
+#: what an unfinished prompt is, where the terminal and HTML reports count them
+UNFINISHED_DETAIL = "cut short by the stop, not failed: --resume sends them"
+
+
 def _overview_table(summary: Mapping[str, Any]) -> Table:
     counts, rates, tokens = summary["counts"], summary["throughput"], summary["tokens"]
     table = Table(title="Overview", title_justify="left", title_style="bold", box=None, show_header=False)
@@ -189,6 +193,10 @@ def _overview_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("prompts", fmt_int(counts["prompts"]), f"{counts['retried']:,} retried" if counts["retried"] else "")
     table.add_row("ok", f"[green]{counts['ok']:,}[/]", fmt_pct(counts["ok"] / counts["prompts"]) if counts["prompts"] else "")
     table.add_row("failed", f"[red]{failed:,}[/]" if failed else "0", _error_brief(counts))
+    if counts.get("unfinished"):
+        table.add_row(
+            "unfinished", f"[yellow]{counts['unfinished']:,}[/]", "cut short by the stop, not failed: --resume sends them"
+        )
     table.add_row("wall time", fmt_s(summary["wall_s"]), summary["wall"]["basis"])
     table.add_row("prompts/s", fmt_num(rates["prompts_per_s"]), f"ok/s {fmt_num(rates['ok_per_s'])}")
     table.add_row(
@@ -1156,6 +1164,7 @@ def _cards(summary: Mapping[str, Any]) -> str:
         _card("prompts", fmt_int(prompts), f"{counts['retried']:,} retried"),
         _card("succeeded", fmt_int(counts["ok"]), fmt_pct(ok_share), "good" if counts["error"] == 0 and prompts else ""),
         _card("failed", fmt_int(counts["error"]), _error_brief(counts) or "none", "bad" if counts["error"] else ""),
+        *([_card("unfinished", fmt_int(counts["unfinished"]), UNFINISHED_DETAIL)] if counts.get("unfinished") else []),
         _card("wall time", fmt_s(summary["wall_s"]), summary["wall"]["basis"].replace(" -> ", " → ")),
         _card("prompts / s", fmt_num(rates["prompts_per_s"]), f"ok/s {fmt_num(rates['ok_per_s'])}"),
         _card(

@@ -36,12 +36,13 @@ from rich.console import Console
 from . import __version__
 from .agents import AgentSpec, resolve_agents
 from .config import Secret, Settings, load_settings, parse_max_failures
-from .errors import ConfigError, InputError, OutputError, RunFailed, RunInterrupted, ServerError
-from .executor import Backend, ChunkTask, InProcessBackend, WorkItem, iso
+from .errors import ConfigError, InputError, OutputError, ParslChatError, RunFailed, RunInterrupted, ServerError, ServerLost
+from .executor import Backend, ChunkTask, InProcessBackend, WorkItem, driver_worker_name, iso, unfinished_rows, where_am_i
 from .ledger import Ledger, LedgerIndex, digest_matches
 from .progress import RunProgress
 from .prompts import LineProblem, Prompt, PromptSource, ScanResult, iter_prompts, scan, spool_stdin
 from .routing import Router
+from .supervision import ServerSupervisor
 
 __all__ = ["NODE_LOCAL_ENDPOINT", "RunOptions", "RunOutcome", "execute_run", "new_run_dir"]
 
@@ -54,6 +55,8 @@ _END_MODULES = (f"{__package__}.results", "pyarrow.compute", "pyarrow.dataset", 
 #: agents' endpoint while each node's own model server is not yet known
 NODE_LOCAL_ENDPOINT = "node-local://model-server/v1"
 CHUNK_RETRIES = 3
+#: big prompts (documents, images) close a chunk early: a few chunks in flight stay within memory
+CHUNK_MAX_BYTES = 64 << 20
 
 
 @dataclass
@@ -104,14 +107,30 @@ def new_run_dir(base: Path = Path("runs")) -> Path:
 
 
 class _Stop:
-    """Set by signals and the walltime watch; read by the dispatch loop."""
+    """Set by signals, the walltime watch and a model server that is gone; read by the dispatch loop.
 
-    def __init__(self) -> None:
+    Requesting a stop also creates ``stop_file``, which workers read: they start nothing
+    new and retry nothing, and hand back what they have not finished.
+    """
+
+    def __init__(self, stop_file: Path) -> None:
+        self.stop_file = stop_file
+        self.also_touch: list[Path] = []  # other files chunks read as their stop file (a warm start's drain file)
         self.reason: str | None = None
+        self.error: ParslChatError | None = None  # a stop that is a failure (a model server lost), said at the end
         self.hard = False
 
     def __bool__(self) -> bool:
         return self.reason is not None
+
+    def request(self, reason: str, error: ParslChatError | None = None) -> None:
+        if self.reason is None:
+            self.reason, self.error = reason, error
+        for path in (self.stop_file, *self.also_touch):
+            try:
+                path.touch()
+            except OSError:
+                pass
 
 
 def _prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
@@ -358,7 +377,7 @@ def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunO
         _check_writable(run_dir)
     settings = _resolve_settings(opts, previous)
     prompts_path = _prompts_path(opts, run_dir, previous)
-    source = PromptSource(prompts_path)
+    source = PromptSource(prompts_path, max_line_bytes=settings.run.limits.max_line_bytes)
     scanned = scan(source)
     if not scanned.ok and not opts.skip_invalid:
         raise InputError(
@@ -496,6 +515,8 @@ def _run(
         "profile": settings.profile.name,
         "workers": workers,
         "agent_slots": sum(a.concurrency for a in agents),
+        # this driver's own process, where in-process chunks run: it holds every agent slot
+        "driver_workers": [*previous.get("driver_workers", []), driver_worker_name(where_am_i()["node"] or "")],
         "agents": [a.describe() for a in agents],
         "routing": router.policy,
         "blocks": earlier,
@@ -513,10 +534,17 @@ def _run(
     }
     _write_meta(run_dir, meta)
 
-    stop = _Stop()
+    stop = _Stop(stop_file)
     preload = _Preload(_END_MODULES)
-    previous_handlers = _install_signals(stop, stop_file)
+    previous_handlers = _install_signals(stop)
     server = None
+    supervisor: ServerSupervisor | None = None
+    #: what every chunk carries: where the driver's server is, where crash logs go, which driver this is
+    task_extra: dict[str, Any] = {
+        "node_endpoint_placeholder": NODE_LOCAL_ENDPOINT,
+        "log_dir": str((run_dir / "logs").resolve()),
+        "driver_session": secrets.token_hex(4),
+    }
     backend: Backend | None = None
     ledger = Ledger(ledger_path).open()
     skipped: list[LineProblem] = []
@@ -541,6 +569,8 @@ def _run(
             server = ModelServer(settings.run.server, log_path=run_dir / "logs" / "model-server.log")
             console.print(f"starting the embedded model server ({settings.run.server.model}) ...", style="dim")
             url = server.start()
+            supervisor = ServerSupervisor(server, run_dir / "logs", settings.run.server.max_restarts)
+            task_extra.update(driver_server=url, driver_server_wait_s=settings.run.server.ready_timeout_s + 30.0)
             agents = [replace(a, endpoint=url) if a.endpoint == NODE_LOCAL_ENDPOINT else a for a in agents]
             meta["agents"] = [a.describe() for a in agents]
         elif how == "per-node":
@@ -553,6 +583,7 @@ def _run(
         )
         if isinstance(backend, ParslBackend) and settings.profile.executor == "local" and settings.profile.warm_start:
             backend = WarmStartBackend(backend, settings.profile.workers, run_dir / ".warm-start-drain", stop_file)
+            stop.also_touch.append(backend.drain_file)  # the chunks running in this process stop too
         backend.start()
         if not in_process and settings.profile.executor == "kubernetes":
             from .kube import cluster_record
@@ -579,7 +610,7 @@ def _run(
                     items=items,
                     stop_file=str(stop_file),
                     node_server=node_server_cfg,
-                    extra={"node_endpoint_placeholder": NODE_LOCAL_ENDPOINT},
+                    extra=task_extra,
                 ),
                 chunk_size=size,
                 in_flight=max(2, 2 * workers),
@@ -590,7 +621,7 @@ def _run(
                 deadline=deadline,
                 grace_s=opts.grace_s,
                 on_tick=lambda: _update_blocks(meta, earlier, backend, run_dir),
-                on_turn=preload.start_if_idle,
+                on_turn=lambda: _on_turn(preload, supervisor),
             )
         if skipped:
             ledger.append(_invalid_rows(skipped, agents))
@@ -628,6 +659,8 @@ def _run(
             allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
             interrupted = bool(stop) and count < prompts  # a stop after the last answer leaves nothing to resume
             meta["status"] = "interrupted" if interrupted else "failed" if failed > allowed else "complete"
+            meta["unfinished"] = prompts - count if interrupted else 0  # not failed: the resume sends them
+            meta["stop_reason"] = stop.reason
             summary = _write_summary(run_dir, meta)  # once, with the final status: it reads every row
         except OSError as exc:
             raise _cannot_write(run_dir, exc, stop) from None
@@ -636,7 +669,9 @@ def _run(
     if interrupted:
         resume = f"parsl-chat run --resume {run_dir}"
         raise RunInterrupted(
-            f"run stopped ({stop.reason}) with {count} of {prompts} prompts recorded in {run_dir}",
+            f"run stopped ({stop.reason}) with {count} of {prompts} prompts recorded in {run_dir}; "
+            f"{prompts - count} unfinished (not failed: the resume sends them)",
+            stop.error.problems if stop.error is not None else None,
             hint=f"finish it with: {resume}",
         )
     message = f"{count} prompts, {count - failed} ok, {failed} failed; results in {run_dir}"
@@ -652,6 +687,13 @@ def _run(
             f"re-send the failed ones with: parsl-chat run --resume {run_dir} --retry-failed",
         )
     return RunOutcome(run_dir, 0, summary, message)
+
+
+def _on_turn(preload: _Preload, supervisor: ServerSupervisor | None) -> None:
+    """Every turn of the dispatch loop: the driver's model server kept up, the end's imports started when idle."""
+    if supervisor is not None:
+        supervisor.check()
+    preload.start_if_idle()
 
 
 def write_results(run_dir: Path) -> int:
@@ -841,18 +883,18 @@ def _dispatch(
     def take_chunk() -> list[WorkItem]:
         nonlocal upcoming
         batch: list[WorkItem] = []
-        size = 0
-        while upcoming is not None and size < chunk_size:
+        size = payload = 0
+        while upcoming is not None and size < chunk_size and payload < CHUNK_MAX_BYTES:
             batch.append(upcoming)
             size += len(upcoming.prompts)
+            payload += sum(p.get("line_bytes", 0) for p in upcoming.prompts)
             upcoming = next(items, None)
         return batch
 
     grace_until: float | None = None
     while True:
         if deadline is not None and not stop and time.monotonic() >= deadline:
-            stop.reason = "walltime"
-            stop_file.touch()
+            stop.request("walltime")
         if stop and grace_until is None:
             grace_until = time.monotonic() + grace_s
             log.warning("stopping (%s): no new chunks, waiting up to %.0f s for %d in flight", stop.reason, grace_s, len(pending))
@@ -868,13 +910,20 @@ def _dispatch(
         if not pending:
             return
         if on_turn is not None:
-            on_turn()
+            try:
+                on_turn()
+            except ServerLost as exc:  # the driver's model server died once too often
+                stop.request(str(exc).partition("\n")[0], exc)
+                continue
         timeout = 1.0 if grace_until is None else max(0.0, min(1.0, grace_until - time.monotonic()))
         done, _ = wait(list(pending), timeout=timeout, return_when=FIRST_COMPLETED)
         for future in done:
             task, tries = pending.pop(future)
             try:
                 rows = future.result()
+            except ServerLost as exc:  # a node's server cannot be restarted: stop, the resume sends the chunk
+                stop.request(str(exc).partition("\n")[0], exc)
+                continue
             except ServerError:
                 raise  # a node's model server cannot start: retrying elsewhere would fail alike
             except Exception as exc:  # a worker or block died: the chunk's rows never arrived
@@ -885,8 +934,10 @@ def _dispatch(
                 if stop:
                     continue  # not recorded, so a resume sends it again
                 rows = _lost_rows(task, exc)
+            rows, cut_short = unfinished_rows(rows)
+            _note_server_down(cut_short, stop)
             if not stop and len(rows) < sum(len(item.prompts) for item in task.items):
-                # a drained chunk (warm start handing over to Parsl): send what it did not start again
+                # a drained chunk (warm start handing over to Parsl), or prompts given back: send them again
                 done_ids = {row["custom_id"] for row in rows}
                 rest = [item for item in task.items if not all(p["custom_id"] in done_ids for p in item.prompts)]
                 if rest:
@@ -907,6 +958,17 @@ def _dispatch(
         if grace_until is not None and (time.monotonic() >= grace_until or stop.hard):
             log.warning("grace period over: %d chunk(s) still in flight are left for the resume", len(pending))
             return
+
+
+def _note_server_down(cut_short: list[dict[str, Any]], stop: _Stop) -> None:
+    """A model server that is gone (restarts used up, or never back): stop the run, to be resumed."""
+    down = next((row for row in cut_short if row.get("error_type") == "server_down"), None)
+    if down is not None:
+        message = str(down.get("error") or "a model server is gone")
+        first, _, rest = message.partition("\n")
+        stop.request(first, ServerLost(first, rest.splitlines()))
+    elif cut_short:
+        log.info("%d prompt(s) cut short by the stop or the hand-over were given back", len(cut_short))
 
 
 def _lost_rows(task: ChunkTask, exc: BaseException) -> list[dict[str, Any]]:
@@ -966,8 +1028,12 @@ class WarmStartBackend:
     def __repr__(self) -> str:
         return f"WarmStartBackend({self.parsl!r})"
 
-    def __getattr__(self, name: str) -> Any:  # blocks(), processes(), note_rows(), executor: Parsl's
+    def __getattr__(self, name: str) -> Any:  # processes(), note_rows(), executor: Parsl's
         return getattr(self.parsl, name)
+
+    def blocks(self) -> list[dict[str, Any]]:
+        """The driver's own share (the in-process chunks ran there), then Parsl's blocks."""
+        return self.local.blocks() + self.parsl.blocks()
 
     def start(self) -> None:
         self.drain_file.unlink(missing_ok=True)
@@ -1044,7 +1110,7 @@ class WarmStartBackend:
 # --------------------------------------------------------------------------- signals
 
 
-def _install_signals(stop: _Stop, stop_file: Path) -> dict[int, Any]:
+def _install_signals(stop: _Stop) -> dict[int, Any]:
     previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -1052,11 +1118,7 @@ def _install_signals(stop: _Stop, stop_file: Path) -> dict[int, Any]:
         if stop and signum == signal.SIGINT:
             stop.hard = True  # a second Ctrl-C: stop now (the ledger is flushed per chunk)
             raise KeyboardInterrupt
-        stop.reason = stop.reason or name
-        try:
-            stop_file.touch()
-        except OSError:
-            pass
+        stop.request(name)
         if signum == signal.SIGHUP:
             _detach_from_terminal()
             return

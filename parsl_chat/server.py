@@ -36,13 +36,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from .config import ServerConfig
-from .errors import ServerError
+from .errors import ServerError, ServerLost
 
 __all__ = [
     "LLAMA_SERVER_HINT",
@@ -50,8 +51,10 @@ __all__ = [
     "MODEL_HINT",
     "MODEL_PACKAGE",
     "ModelServer",
+    "accepts_connections",
     "describe_exit",
     "embedded_model_path",
+    "keep_crash_log",
     "llama_build_features",
     "node_name",
     "node_server",
@@ -629,6 +632,17 @@ class ModelServer:
             hint=self._crash_hint(code),
         )
 
+    def restart(self) -> str:
+        """Start the server again after it died, on the same port: agents keep their URL."""
+        port = self.port
+        self.stop()
+        try:
+            return self._start_once(port, self.cfg.ready_timeout_s)
+        except _PortTaken:
+            raise ServerError(
+                f"model server on node {self.node} could not be restarted: port {port} was taken meanwhile"
+            ) from None
+
     def _log_excerpt(self, tail: str) -> str:
         return f"\nLast lines of {self.log_path}:\n{tail}" if tail else f"\nIts log {self.log_path} is empty."
 
@@ -749,7 +763,7 @@ def _pid_alive(pid: int, start_time: str | None = None) -> bool:
     return start_time is None or _proc_start_time(pid) == start_time
 
 
-def _accepts_connections(url: str, timeout_s: float = 2.0) -> bool:
+def accepts_connections(url: str, timeout_s: float = 2.0) -> bool:
     # a TCP connect, not the readiness GET: llama_cpp.server answers /v1/models only
     # after the generations queued before it, so a busy server would look dead
     parsed = httpx.URL(url)
@@ -790,29 +804,41 @@ def _locked(folder: Path, timeout_s: float) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def node_server(cfg: ServerConfig, run_id: str, state_dir: Path | None = None) -> str:
+def node_server(
+    cfg: ServerConfig, run_id: str, state_dir: Path | None = None, *, driver: str | None = None, crash_dir: Path | None = None
+) -> str:
     """The URL of this node's model server for ``run_id``, started if needed.
 
     Worker processes on one node call this concurrently; an ``flock`` makes exactly one
     of them start the server, and the others wait and reuse it (``server.json`` records
     url, pid and the pid's start time). A recorded server that has died is restarted by
-    the next caller. The server dies with the worker process that started it (atexit,
-    and PR_SET_PDEATHSIG on Linux for kill -9); the other workers then restart it on
-    their next call, so call this before each batch of requests, not once per process.
+    the next caller, on its port, at most ``cfg.max_restarts`` times per driver (``driver``
+    names the driver's session; a resumed run starts counting anew); each death's log lines
+    are kept in ``crash_dir`` when given. The server dies with the worker process that
+    started it (atexit, and PR_SET_PDEATHSIG on Linux for kill -9); the other workers then
+    restart it on their next call, so call this before each batch of requests, not once per process.
     """
     folder = node_state_dir(run_id, state_dir)
     state_file = folder / "server.json"
     with _locked(folder, cfg.ready_timeout_s + 30.0):
         state = _read_state(state_file)
+        restarts = 0
         if state is not None:
-            if _pid_alive(int(state["pid"]), state.get("start_time")) and _accepts_connections(state["url"]):
+            if _pid_alive(int(state["pid"]), state.get("start_time")) and accepts_connections(state["url"]):
                 return str(state["url"])
             _kill_recorded(state)  # dead or hung: clear the way for a new one
+            restarts = _count_restart(state, folder, cfg, driver, crash_dir)
+            cfg = replace(cfg, port=httpx.URL(str(state["url"])).port or cfg.port)  # agents keep their URL
         mine = _NODE_SERVERS.pop(folder, None)
         if mine is not None:
             mine.stop()
         server = ModelServer(cfg, log_path=folder / "server.log", die_with_parent=True)
-        url = server.start()
+        try:
+            url = server.start()
+        except ServerError as exc:
+            if not restarts:
+                raise  # it never started: a configuration problem, not a death
+            raise ServerLost(f"model server on node {server.node} died and could not be restarted: {exc}") from None
         assert server.pid is not None
         _NODE_SERVERS[folder] = server
         record = {
@@ -823,11 +849,41 @@ def node_server(cfg: ServerConfig, run_id: str, state_dir: Path | None = None) -
             "run_id": run_id,
             "started_by": os.getpid(),
             "ready_s": round(server.ready_s or 0.0, 3),
+            "driver": driver,
+            "restarts": restarts,
         }
         tmp = state_file.with_name(f".server.json.{os.getpid()}")
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, state_file)  # readers never see half a file
         return url
+
+
+def _count_restart(state: dict[str, Any], folder: Path, cfg: ServerConfig, driver: str | None, crash_dir: Path | None) -> int:
+    """This node's restarts so far, this one included; ServerLost once they are over ``cfg.max_restarts``."""
+    restarts = (int(state.get("restarts") or 0) if state.get("driver") == driver else 0) + 1
+    node = state.get("node") or node_name()
+    tail = _tail(folder / "server.log")
+    logger.warning("model server on node %s (pid %s) is gone: restart %d of %d", node, state["pid"], restarts, cfg.max_restarts)
+    keep_crash_log(crash_dir, node, restarts, f"model server on node {node} (pid {state['pid']}) died or hung", tail)
+    if restarts > cfg.max_restarts:
+        raise ServerLost(
+            f"model server on node {node} died {restarts} times in this run; it is not restarted again"
+            + (f"\nLast lines of {folder / 'server.log'}:\n{tail}" if tail else ""),
+            hint="see the crash logs in the run's logs/ folder",
+        )
+    return restarts
+
+
+def keep_crash_log(crash_dir: Path | None, node: str, number: int, what: str, tail: str) -> Path | None:
+    """Write a dead server's last log lines to ``crash_dir/model-server-<node>-crash-<n>.log`` (best effort)."""
+    if crash_dir is None:
+        return None
+    path = Path(crash_dir) / f"model-server-{_safe(node)}-crash-{number}.log"
+    try:
+        path.write_text(f"{what} at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n{tail}\n", encoding="utf-8")
+    except OSError:  # the run's logs may not be reachable from this node (no shared filesystem)
+        return None
+    return path
 
 
 def _kill_recorded(state: dict[str, Any], grace_s: float = _STOP_GRACE_S) -> bool:

@@ -6,9 +6,11 @@ Kubernetes tests must really run there.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,3 +103,57 @@ def run_cli(
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    """``n`` prompts ``p0``.. with texts ``question 0``..: the simulator's request log names them by text."""
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def start_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``parsl-chat ARGS`` in the background, in a session of its own (a signal reaches the driver only)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "parsl_chat", *args],
+        cwd=REPO,
+        env=clean_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_rows(out: Path, at_least: int, timeout: float = 60) -> None:
+    """Until the run's ledger holds ``at_least`` rows."""
+    from parsl_chat.ledger import read_ledger
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "ledger.jsonl").exists() and sum(1 for _ in read_ledger(out / "ledger.jsonl")) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} rows recorded after {timeout} s")
+
+
+def assert_figures_within_bounds(summary: dict[str, Any]) -> None:
+    """Every share, utilisation and efficiency in a summary is within 0-100 %, every time span >= 0.
+
+    Called on the summaries of real runs, one per profile the suite runs: a figure
+    outside its bounds is a wrong definition (the warm start's 167.8 % worker).
+    """
+    shares: list[tuple[str, Any]] = [("parallel_efficiency", summary.get("parallel_efficiency"))]
+    shares += [(f"agent {a['agent']} utilisation", a.get("utilisation")) for a in summary.get("agents") or []]
+    shares += [(f"worker {w['worker']} utilisation", w.get("utilisation")) for w in summary.get("workers") or []]
+    for node in summary.get("nodes") or []:
+        shares += [(f"node {node['node']} {key}", node.get(key)) for key in ("share_prompts", "share_busy", "active_fraction")]
+    allocation = summary.get("allocation") or {}
+    shares.append(("allocation busy_fraction", allocation.get("busy_fraction")))
+    for name, value in shares:
+        assert value is None or 0.0 <= value <= 1.0 + 1e-9, f"{name} = {value}"
+    spans = [("wall_s", summary.get("wall_s"))]
+    for block in allocation.get("blocks") or []:
+        spans += [(f"block {block['block']} {key}", block.get(key)) for key in ("queue_wait_s", "duration_s")]
+    spans += [(f"node {n['node']} idle_s", n.get("idle_s")) for n in allocation.get("per_node") or []]
+    for name, value in spans:
+        assert value is None or value >= 0.0, f"{name} = {value}"

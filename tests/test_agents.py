@@ -13,6 +13,7 @@ import parsl_chat.agents as agents_mod
 from parsl_chat.agents import (
     ERROR_TYPES,
     TRANSIENT,
+    UNFINISHED,
     AgentSpec,
     Outcome,
     RequestFailure,
@@ -123,6 +124,9 @@ def error_response(status: int, message: str = "nope", headers: dict[str, str] |
         (400, '{"error": {"code": "context_length_exceeded"}}', "context_length"),
         (400, "This model's maximum context length is 2048 tokens", "context_length"),
         (400, "prompt exceeds the Context Length", "context_length"),
+        (400, "Requested tokens (5000) exceed context window of 2048", "context_length"),  # llama-cpp-python
+        (400, "the request exceeds the available context size, try increasing it", "context_length"),  # llama-server
+        (413, "Request Entity Too Large", "context_length"),  # a proxy in front of the server
         (400, "bad json", "bad_request"),
         (404, "", "bad_request"),
         (422, "", "bad_request"),
@@ -370,15 +374,62 @@ def test_on_failure_called_for_each_failed_attempt(sleeps: list[float]) -> None:
     assert seen == [("rate_limit", 2.0), ("server_error", None)]
 
 
-def test_should_stop_ends_retries(sleeps: list[float]) -> None:
+def test_a_retry_the_stop_prevents_leaves_the_prompt_unfinished_not_failed(sleeps: list[float]) -> None:
     server = Server(error_response(503))
     outcome = complete(server, max_attempts=10, should_stop=lambda: True)
-    assert outcome.status == "error"
+    assert outcome.status == UNFINISHED and outcome.error_type == "server_error"
     assert outcome.attempts == 1
     assert sleeps == []
-    stop_after = iter([False, False, True])
+    # the stop came during the first backoff: the second attempt is not sent
+    stop_after = iter([False, True])
     outcome = complete(Server(error_response(503)), max_attempts=10, should_stop=lambda: next(stop_after))
-    assert outcome.attempts == 3
+    assert outcome.status == UNFINISHED and outcome.attempts == 1 and len(sleeps) == 1
+
+
+def test_final_failures_stay_final_when_the_run_stops(sleeps: list[float]) -> None:
+    # a permanent failure, and transient ones that used up max_attempts, are the prompt's own
+    assert complete(Server(error_response(400)), should_stop=lambda: True).status == "error"
+    outcome = complete(Server(error_response(500)), max_attempts=1, should_stop=lambda: True)
+    assert outcome.status == "error" and outcome.error_type == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("recovery", "status", "attempts"),
+    [("back", "ok", 1), ("up", "ok", 2), ("gone", UNFINISHED, 1)],
+)
+def test_recover_after_a_connection_failure(recovery: str, status: str, attempts: int, sleeps: list[float]) -> None:
+    asked: list[int] = []
+
+    async def recover() -> str:
+        asked.append(1)
+        return recovery
+
+    server = Server(httpx.ConnectError("refused"), ok_response())
+    outcome = complete(server, recover=recover)
+    assert (outcome.status, outcome.attempts) == (status, attempts)
+    assert asked == [1]
+    # 'back': the server died and is back, so the failed attempt does not count and there is no backoff
+    assert (sleeps == []) == (recovery != "up")
+
+
+def test_recover_is_not_asked_for_other_failures(sleeps: list[float]) -> None:
+    asked: list[int] = []
+
+    async def recover() -> str:
+        asked.append(1)
+        return "back"
+
+    assert complete(Server(error_response(500), ok_response()), recover=recover).attempts == 2
+    assert asked == []
+
+
+def test_a_server_that_keeps_dying_counts_attempts_again(sleeps: list[float]) -> None:
+    async def recover() -> str:
+        return "back"
+
+    outcome = complete(Server(httpx.ConnectError("refused")), max_attempts=2, recover=recover)
+    assert outcome.status == "error" and outcome.error_type == "connection"
+    assert len(outcome.error or "") > 0 and outcome.attempts == 2
 
 
 # --------------------------------------------------------------------------- secrets

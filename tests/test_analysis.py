@@ -122,7 +122,7 @@ def test_ledger_only_run_tolerates_torn_line_and_duplicates(tmp_path: Path) -> N
     summary = summarize(df)
     assert summary["run"]["partial"] is True
     assert summary["counts"] == {
-        "prompts": 4, "ok": 4, "error": 0, "errors_by_type": {}, "retried": 1, "not_started": 0,
+        "prompts": 4, "ok": 4, "error": 0, "errors_by_type": {}, "retried": 1, "not_started": 0, "unfinished": 0,
     }  # fmt: skip
     # No finished_at in run.json: the wall clock ends at the last finished request (p4: 5 + 3 = 8 s).
     assert summary["wall_s"] == approx(8.0)
@@ -216,6 +216,7 @@ def test_summary_is_json_and_counts(known: dict[str, Any]) -> None:
         "errors_by_type": {"invalid_input": 1, "timeout": 1},
         "retried": 2,  # p4 (3 attempts), p5 (2)
         "not_started": 1,  # p6
+        "unfinished": 0,  # run.json says none (an interrupted run says how many)
     }
     assert known["run"]["run_id"] == "known" and known["run"]["partial"] is False
 

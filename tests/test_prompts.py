@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from parsl_chat.config import LimitsConfig
 from parsl_chat.errors import InputError
 from parsl_chat.prompts import (
     MAX_LINE_BYTES,
@@ -314,7 +316,7 @@ def test_over_long_line(tmp_path: Path) -> None:
     items = parse(path, max_line_bytes=100)
     assert [type(i).__name__ for i in items] == ["Prompt", "LineProblem", "Prompt", "LineProblem"]
     assert [i.line for i in items] == [1, 2, 3, 4]
-    assert items[1].message == "line is longer than 100 bytes"  # type: ignore[union-attr]
+    assert items[1].message.startswith("line is longer than 100 bytes, the limit for one prompt (limits.max_line_mb)")  # type: ignore[union-attr]
     assert items[2].messages[0]["content"] == "b"  # type: ignore[union-attr]
 
 
@@ -328,7 +330,18 @@ def test_line_length_boundary(tmp_path: Path) -> None:
 
 
 def test_default_max_line_bytes() -> None:
-    assert MAX_LINE_BYTES == 1 << 20
+    assert MAX_LINE_BYTES == 64 << 20 == LimitsConfig().max_line_bytes
+
+
+def test_a_5_mb_line_is_one_prompt_and_carries_its_size(tmp_path: Path) -> None:
+    big = json.dumps({"id": "doc", "prompt": "summarise: " + "word " * (1 << 20)})  # 5 MiB and a bit
+    items = parse(write(tmp_path, '{"prompt": "small"}\n' + big + "\n"))
+    assert all(isinstance(i, Prompt) for i in items)
+    small, doc = items
+    assert small.line_bytes == 0  # type: ignore[union-attr]
+    assert doc.line_bytes == len(big) + 1 > 5 << 20  # type: ignore[union-attr]
+    assert Prompt.from_dict(doc.to_dict()) == doc  # type: ignore[union-attr]
+    assert doc.digest == dataclasses.replace(doc, line_bytes=0).digest  # type: ignore[arg-type]
 
 
 def test_empty_file(tmp_path: Path) -> None:

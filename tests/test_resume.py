@@ -15,41 +15,21 @@ from typing import Any
 import pandas as pd
 import psutil
 import pytest
-from conftest import REPO, clean_env, run_cli
+from conftest import REPO, clean_env, run_cli, start_cli, wait_rows, write_prompts
 
 from parsl_chat.ledger import read_ledger
 
-
-def _prompts(path: Path, n: int) -> Path:
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(n)))
-    return path
+_prompts = write_prompts
+_wait_rows = wait_rows
 
 
 def _start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     # Parsl-specific faults need Parsl's processes from the start, not the warm-start driver
-    env = clean_env(extra_env or {"PARSL_CHAT_WARM_START": "0"})
-    return subprocess.Popen(
-        [sys.executable, "-m", "parsl_chat", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # so a kill reaches the driver only, as `kill -9 PID` would
-    )
+    return start_cli(args, extra_env or {"PARSL_CHAT_WARM_START": "0"})
 
 
 def _recorded(out: Path) -> list[str]:
     return [row["custom_id"] for row in read_ledger(out / "ledger.jsonl")]
-
-
-def _wait_rows(out: Path, at_least: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (out / "ledger.jsonl").exists() and len(_recorded(out)) >= at_least:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {at_least} rows recorded after {timeout} s")
 
 
 @pytest.mark.parametrize("backend", ["no-parsl", "parsl"])
@@ -196,7 +176,11 @@ BAD_INPUTS = {
     "empty-file": (b"", ":1: file has no prompts"),
     "duplicate-ids": (b'{"id": "x", "prompt": "a"}\n{"id": "x", "prompt": "b"}\n', ":2: duplicate id 'x' (first on line 1)"),
     "invalid-utf8": (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', ":2: not valid UTF-8"),
-    "huge-line": (b'{"prompt": "' + b"x" * (2 << 20) + b'"}\n', ":1: line is longer than"),
+    # the cap set to 1 MiB through the environment (the default, 64 MiB, is checked in test_prompts)
+    "huge-line": (
+        b'{"prompt": "' + b"x" * (2 << 20) + b'"}\n',
+        ":1: line is longer than 1 MiB, the limit for one prompt (limits.max_line_mb)",
+    ),
     "wrong-type": (b'{"prompt": 42}\n', ":1: field 'prompt': expected a string"),
     "unknown-field": (b'{"prompt": "a", "temprature": 1}\n', ":1: unknown field 'temprature'"),
 }
@@ -211,7 +195,7 @@ def test_malformed_prompts_files(case: str, tmp_path: Path) -> None:
         ["validate", str(path)],
         ["run", str(path), "--endpoint", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "r")],
     ):
-        result = run_cli(*command)
+        result = run_cli(*command, env={"PARSL_CHAT_LIMITS_MAX_LINE_MB": "1"})
         assert result.returncode == 2, (command, result.stderr)
         assert f"{path}{expected}" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
