@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from conftest import EXAMPLES, REPO, clean_env, run_cli
+from conftest import EXAMPLES, REPO, assert_figures_within_bounds, clean_env, run_cli
 
 from parsl_chat.runner import run_id_for
 
@@ -240,6 +240,7 @@ def test_run_on_pods_end_to_end(emulator: Emulator, sim_server, tmp_path: Path) 
     assert df.block.notna().all()
     meta = json.loads((out / "run.json").read_text())
     assert {b["job_id"] for b in meta["blocks"]} == names  # cleanup finds them by these ids
+    assert_figures_within_bounds(json.loads((out / "summary.json").read_text()))
     assert all(b["ended_at"] for b in meta["blocks"])
 
     for pod in pods:

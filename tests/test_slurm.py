@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
-from conftest import EXAMPLES, REPO, clean_env, run_cli
+from conftest import EXAMPLES, REPO, assert_figures_within_bounds, clean_env, run_cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -54,6 +55,7 @@ def test_run_from_login_node_uses_both_nodes(slurm_cluster, slurm_clean, sim_ser
     alloc = summary["allocation"]
     assert alloc["job_ids"] == [df.job_id.iloc[0]] and set(alloc["nodes"]) == {"n1", "n2"}
     assert alloc["node_s_allocated"] >= alloc["node_s_busy"] > 0
+    assert_figures_within_bounds(summary)
     assert slurm_cluster.wait_queue_empty() == []
 
 
@@ -80,6 +82,7 @@ def test_sbatch_job_script_runs_on_both_nodes(slurm_cluster, slurm_clean, sim_se
     assert "30 prompts, 30 ok" in log, log
     df = pd.read_parquet(out / "results.parquet")
     assert set(df.node) == {"n1", "n2"} and set(df.job_id) == {job}
+    assert_figures_within_bounds(json.loads((out / "summary.json").read_text()))  # the slurm-allocation profile
 
 
 def test_killed_driver_leaves_a_job_that_cleanup_cancels(slurm_cluster, slurm_clean, sim_server, tmp_path: Path) -> None:
@@ -188,6 +191,38 @@ def test_each_node_starts_its_own_model_server(slurm_cluster, slurm_clean, tmp_p
     per_node = df.groupby("node").endpoint.unique()
     assert all(len(endpoints) == 1 for endpoints in per_node)
     assert per_node["n1"][0] != per_node["n2"][0]
+    assert slurm_cluster.wait_queue_empty() == []
+
+
+def test_a_node_server_killed_mid_run_is_restarted_and_every_prompt_ends_ok(slurm_cluster, slurm_clean, tmp_path: Path) -> None:
+    # each node's server logs its requests to a file of its own port; a restart keeps the port
+    logs = tmp_path / "requests"
+    logs.mkdir()
+    command = (f"{sys.executable} -m parsl_chat.testing --host {{host}} --port {{port}} --latency-ms 40 --model {{model}} "
+               f"--log-path {logs}/{{port}}.jsonl")  # fmt: skip
+    out = tmp_path / "run"
+    config = _server_config(tmp_path, command)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "parsl_chat", "run", str(_prompts(tmp_path / "p.jsonl", 400)), "--profile", "slurm",
+         "--config", str(config), "--out", str(out)],
+        cwd=REPO, env=clean_env(slurm_cluster.env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    ledger = out / "ledger.jsonl"
+    _wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 40, 180, "40 answers")
+    servers = [p for p in psutil.process_iter(["cmdline"]) if str(logs) in " ".join(p.info["cmdline"] or [])]
+    assert servers, "no node server found"
+    servers[0].kill()
+    _, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 0, stderr
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 400 and df.custom_id.is_unique and (df.status == "ok").all()
+    crash_logs = list((out / "logs").glob("model-server-n*-crash-1.log"))
+    assert len(crash_logs) == 1, crash_logs
+    answered = [json.loads(line)["prompt"] for path in logs.glob("*.jsonl") for line in path.read_text().splitlines()
+                if json.loads(line)["status"] == 200]  # fmt: skip
+    assert len(answered) == len(set(answered)) == 400  # none answered twice
+    assert_figures_within_bounds(json.loads((out / "summary.json").read_text()))
     assert slurm_cluster.wait_queue_empty() == []
 
 
