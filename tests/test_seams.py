@@ -119,8 +119,9 @@ def test_a_parsl_worker_killed_on_a_flaky_endpoint_loses_nothing(sim_server, tmp
     server = sim_server(latency_ms=40, rate_500=0.1, rate_429=0.05, retry_after_s=0.5, seed=5)
     out = tmp_path / "run"
     prompts = write_prompts(tmp_path / "p.jsonl", 300)
-    driver = start_cli(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--workers", "2"],
-                       {"PARSL_CHAT_WARM_START": "0"})  # fmt: skip
+    config = _config(tmp_path, "limits:\n  max_attempts: 8\n")  # 15 % faults: 4 attempts run out now and then, for real
+    driver = start_cli(["run", str(prompts), "--endpoint", server.url, "--config", str(config), "--out", str(out),
+                        "--workers", "2"], {"PARSL_CHAT_WARM_START": "0"})  # fmt: skip
     wait_rows(out, 30, timeout=120)
     pools = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
              and "process_worker_pool" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
@@ -156,8 +157,9 @@ def _servers(marker: str) -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
 
 
-def _kill_server(marker: str) -> int:
-    servers = _servers(marker)
+def _kill_server(log: Path) -> int:
+    # the test's own server: its command line names the test's folder
+    servers = [p for p in _servers(str(log.parent)) if "parsl_chat.testing" in " ".join(p.cmdline())]
     assert len(servers) == 1, servers
     servers[0].kill()
     servers[0].wait(10)
@@ -170,7 +172,7 @@ def test_the_drivers_model_server_killed_mid_run_is_restarted_and_every_prompt_e
     out = tmp_path / "run"
     driver = start_cli(["run", str(write_prompts(tmp_path / "p.jsonl", 300)), "--config", str(config), "--out", str(out)])
     wait_rows(out, 60, timeout=120)
-    _kill_server(log.stem)
+    _kill_server(log)
     _, stderr = driver.communicate(timeout=180)
     assert driver.returncode == 0, stderr
     _all_ok(out, 300)
@@ -187,10 +189,10 @@ def test_a_model_server_that_keeps_dying_stops_the_run_cleanly_and_resume_finish
     out = tmp_path / "run"
     driver = start_cli(["run", str(write_prompts(tmp_path / "p.jsonl", 300)), "--config", str(config), "--out", str(out)])
     wait_rows(out, 20, timeout=120)
-    _kill_server(log.stem)
+    _kill_server(log)
     recorded = sum(1 for _ in read_ledger(out / "ledger.jsonl"))
     wait_rows(out, recorded + 10, timeout=60)  # restarted once: it answers again
-    _kill_server(log.stem)
+    _kill_server(log)
     _, stderr = driver.communicate(timeout=180)
     assert driver.returncode == 3, stderr
     assert "died 2 times in this run and is not restarted again" in stderr, stderr
