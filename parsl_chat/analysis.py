@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ._files import atomic_write
 from .agents import ERROR_TYPES
 from .errors import UsageError
 
@@ -336,10 +337,6 @@ def seconds_since(series: pd.Series, origin: pd.Timestamp) -> np.ndarray:
     return out
 
 
-def _epoch_s(series: pd.Series) -> np.ndarray:
-    return seconds_since(series, pd.Timestamp(0, tz="UTC"))
-
-
 def _percentiles(values: np.ndarray, qs: Mapping[str, float]) -> dict[str, float | None]:
     if values.size == 0:
         return {name: None for name in qs}
@@ -639,9 +636,7 @@ def write_summary(path: str | Path) -> Path:
     """
     run_dir = Path(path)
     target = run_dir / "summary.json"
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summarize_run(run_dir), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(target)
+    atomic_write(target, json.dumps(summarize_run(run_dir), indent=2) + "\n")
     return target
 
 

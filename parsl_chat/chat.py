@@ -36,12 +36,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ._files import atomic_write
 from .agents import AgentSpec, RequestFailure, stream_chat
 from .config import ServerConfig, Settings, load_settings
 from .executor import Backend, ChunkTask, InProcessBackend, WorkItem, iso
 from .prompts import Prompt
 from .routing import Router
-from .sessions import SESSION_VERSION, SessionStore, Turn, atomic_write, data_dir, list_sessions, sessions_dir
+from .sessions import SESSION_VERSION, SessionStore, Turn, data_dir, list_sessions, sessions_dir
 
 __all__ = [
     "ChatOptions",

@@ -7,13 +7,12 @@ the queue (and bill node-hours) until their walltime. The job ids are kept in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .errors import UsageError
+from .rundir import read_run_meta
 
 __all__ = ["cleanup_run", "kill_orphans"]
 
@@ -45,13 +44,7 @@ def kill_orphans(meta: dict[str, Any]) -> list[str]:
 
 def cleanup_run(run_dir: Path) -> list[str]:
     """Cancel the run's scheduler jobs that are still alive; returns what was done, as lines."""
-    meta_path = run_dir / "run.json"
-    if not meta_path.is_file():
-        raise UsageError(f"{run_dir}: not a parsl-chat run directory (no run.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError:
-        raise UsageError(f"{meta_path}: unreadable run metadata") from None
+    meta = read_run_meta(run_dir)
     executor = meta.get("executor")
     lines = []
     orphans = kill_orphans(meta)

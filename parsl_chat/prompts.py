@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .ledger import id_hash  # the ledger's: a resume finds prompts by the same hash
 
 __all__ = [
     "BIG_LINE_BYTES",
@@ -303,10 +304,6 @@ def _check_messages(messages: Any) -> str | None:
     return None
 
 
-def _id_hash(custom_id: str) -> int:
-    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
-
-
 @dataclass
 class ScanResult:
     """What a full check of a prompts file found."""
@@ -346,7 +343,7 @@ def scan(source: PromptSource) -> ScanResult:
             result.add(item)
             continue
         result.prompts += 1
-        hashes.append(_id_hash(item.custom_id))
+        hashes.append(id_hash(item.custom_id))
         lines.append(item.line)
         if item.conversation is not None:
             result.conversation_ends[item.conversation] = item.line

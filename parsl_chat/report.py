@@ -32,6 +32,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ._files import atomic_write
+from ._secrets import SECRET_WORDS
 from .analysis import compare, load_run, now_utc, seconds_since, summarize
 from .errors import OutputError, UsageError
 
@@ -1095,13 +1097,12 @@ DEFINITIONS = (
     ),
 )
 
-_SECRET_WORDS = r"(?:api[_-]?key|apikey|token|secret|password|passwd|authorization|credentials?)"
-_SECRET_KEY = re.compile(rf"(?:^|[_.-]){_SECRET_WORDS}$", re.IGNORECASE)
+_SECRET_KEY = re.compile(rf"(?:^|[_.-]){SECRET_WORDS}$", re.IGNORECASE)
 _SECRET_TEXT = (
     # `key: value` / `key=value` lines whose key ends in a secret word (max_tokens does not: it ends in "tokens")
     (
         re.compile(
-            rf"(?im)^([ \t]*-?[ \t]*[\"']?(?:[\w.-]*[_.-])?{_SECRET_WORDS}[\"']?[ \t]*[:=][ \t]*)"
+            rf"(?im)^([ \t]*-?[ \t]*[\"']?(?:[\w.-]*[_.-])?{SECRET_WORDS}[\"']?[ \t]*[:=][ \t]*)"
             r"(?!(?:null|~|''|\"\"|\*+)?[ \t]*$)\S.*$"
         ),
         r"\1'***'",
@@ -1506,9 +1507,7 @@ def write_html(df: pd.DataFrame, summary: Mapping[str, Any], path: str | Path) -
 def _write(path: Path, text: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        atomic_write(path, text)
     except OSError as exc:
         raise OutputError(
             f"{path}: cannot write the report ({exc.strerror or exc})", hint="pass --html PATH somewhere writable"

@@ -42,6 +42,7 @@ from .ledger import Ledger, LedgerIndex, digest_matches
 from .progress import RunProgress
 from .prompts import LineProblem, Prompt, PromptSource, ScanResult, iter_prompts, scan, spool_stdin
 from .routing import Router
+from .rundir import read_run_meta, write_run_meta
 from .supervision import ServerSupervisor
 
 __all__ = ["NODE_LOCAL_ENDPOINT", "RunOptions", "RunOutcome", "execute_run", "new_run_dir"]
@@ -136,15 +137,7 @@ class _Stop:
 def _prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
     """The run directory (new or resumed) and, when resuming, its previous run.json."""
     if opts.resume is not None:
-        run_dir = opts.resume
-        meta_path = run_dir / "run.json"
-        if not meta_path.is_file():
-            raise OutputError(f"{run_dir}: not a parsl-chat run directory (no run.json)")
-        try:
-            previous = json.loads(meta_path.read_text())
-        except ValueError:
-            raise OutputError(f"{meta_path}: unreadable run metadata") from None
-        return run_dir, previous
+        return opts.resume, read_run_meta(opts.resume)
     run_dir = opts.out or new_run_dir()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise OutputError(
@@ -460,12 +453,6 @@ def describe_fleet(settings: Settings) -> list[str]:
     return fleet_lines(settings.run.routing, resolve_agents(settings, endpoint or NODE_LOCAL_ENDPOINT, model, api_key), how)
 
 
-def _write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, run_dir / "run.json")
-
-
 def _run(
     opts: RunOptions,
     console: Console,
@@ -532,7 +519,7 @@ def _run(
             },
         },
     }
-    _write_meta(run_dir, meta)
+    write_run_meta(run_dir, meta)
 
     stop = _Stop(stop_file)
     preload = _Preload(_END_MODULES)
@@ -796,7 +783,7 @@ def _failed_count(run_dir: Path) -> int:
 def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from .analysis import write_summary
 
-    _write_meta(run_dir, meta)
+    write_run_meta(run_dir, meta)
     summary: dict[str, Any] = json.loads(write_summary(run_dir).read_text(encoding="utf-8"))
     return summary
 
@@ -810,7 +797,7 @@ def _update_blocks(meta: dict[str, Any], earlier: list[dict[str, Any]], backend:
     if blocks != meta["blocks"] or processes != meta.get("processes"):
         meta["blocks"] = blocks
         meta["processes"] = processes
-        _write_meta(run_dir, meta)
+        write_run_meta(run_dir, meta)
 
 
 def _invalid_rows(problems: list[LineProblem], agents: list[AgentSpec]) -> list[dict[str, Any]]:

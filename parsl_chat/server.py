@@ -42,6 +42,8 @@ from typing import Any
 
 import httpx
 
+from ._files import atomic_write
+from ._secrets import SECRET_WORDS
 from .config import ServerConfig
 from .errors import ServerError, ServerLost
 
@@ -186,10 +188,9 @@ _SIGNAL_WORDS = {
     signal.SIGINT: "interrupted",
 }
 
-_SECRET_WORDS = r"(?:api[_-]?key|token|secret|password)"
 _SECRET_RES = (
-    re.compile(rf"(?i)(--?[\w-]*{_SECRET_WORDS}[\w-]*(?:=|\s+)['\"]?)([^\s'\"]+)"),  # --api-key X, --token=X
-    re.compile(rf"(?i)(\b\w*{_SECRET_WORDS}\w*['\"]?\s*[=:]\s*['\"]?)([^\s'\",)}}]+)"),  # api_key='X', "token": "X"
+    re.compile(rf"(?i)(--?[\w-]*{SECRET_WORDS}[\w-]*(?:=|\s+)['\"]?)([^\s'\"]+)"),  # --api-key X, --token=X
+    re.compile(rf"(?i)(\b\w*{SECRET_WORDS}\w*['\"]?\s*[=:]\s*['\"]?)([^\s'\",)}}]+)"),  # api_key='X', "token": "X"
     re.compile(r"(?i)(\bbearer\s+)(\S+)"),
 )
 
@@ -852,9 +853,7 @@ def node_server(
             "driver": driver,
             "restarts": restarts,
         }
-        tmp = state_file.with_name(f".server.json.{os.getpid()}")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, state_file)  # readers never see half a file
+        atomic_write(state_file, json.dumps(record) + "\n")  # readers never see half a file
         return url
 
 

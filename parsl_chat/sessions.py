@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from ._files import atomic_write
 from .errors import ConfigError, UsageError
 
-__all__ = ["SESSION_VERSION", "SessionInfo", "SessionStore", "Turn", "atomic_write", "data_dir", "list_sessions", "sessions_dir"]
+__all__ = ["SESSION_VERSION", "SessionInfo", "SessionStore", "Turn", "data_dir", "list_sessions", "sessions_dir"]
 
 SESSION_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -144,16 +145,6 @@ class SessionStore:
     def save(self, data: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, sync it, and rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_sessions(folder: Path | None = None) -> list[SessionInfo]:

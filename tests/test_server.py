@@ -232,11 +232,20 @@ def test_check_reports_a_server_that_died_while_serving(tmp_path: Path) -> None:
         assert not server.alive
 
 
-def test_secrets_are_not_echoed_from_the_log(tmp_path: Path) -> None:
-    script = "import sys; print(\"args: Namespace(api_key='sk-live-123', port=1)\"); sys.exit(1)"
+@pytest.mark.parametrize(
+    ("logged", "masked"),
+    [
+        ("args: Namespace(api_key='sk-live-123', port=1)", "api_key='***'"),
+        ("--authorization sk-live-123", "--authorization ***"),  # the words the report masks, the server too
+        ("credentials: sk-live-123", "credentials: ***"),
+        ("--db-passwd=sk-live-123", "--db-passwd=***"),
+    ],
+)
+def test_secrets_are_not_echoed_from_the_log(logged: str, masked: str, tmp_path: Path) -> None:
+    script = f"import sys; print({logged!r}); sys.exit(1)"
     with pytest.raises(ServerError) as err:
         ModelServer(command_cfg(f"{PY} -c {shlex.quote(script)}"), log_path=tmp_path / "s.log").start()
-    assert "sk-live-123" not in str(err.value) and "api_key='***'" in str(err.value)
+    assert "sk-live-123" not in str(err.value) and masked in str(err.value), str(err.value)
 
 
 def test_serve_foreground_runs_until_sigterm(tmp_path: Path) -> None:
