@@ -311,9 +311,9 @@ async def chat_completion(
     attempt = 0
     free_retries = 3  # a server that keeps dying mid-answer: then the attempts count again
 
-    def unfinished(failure: RequestFailure) -> Outcome:
+    def failed(failure: RequestFailure, status: str = "error") -> Outcome:
         return Outcome(
-            status=UNFINISHED,
+            status=status,
             attempts=attempt,
             started_at=started,
             finished_at=time.time(),
@@ -337,22 +337,14 @@ async def chat_completion(
                     attempt -= 1  # the server's death, not this prompt's failure
                     continue
                 if recovery == "gone":
-                    return unfinished(failure)
+                    return failed(failure, UNFINISHED)
             if failure.error_type not in TRANSIENT or attempt >= max_attempts:
-                return Outcome(
-                    status="error",
-                    attempts=attempt,
-                    started_at=started,
-                    finished_at=time.time(),
-                    model=body["model"],
-                    error_type=failure.error_type,
-                    error=_scrub(str(failure), agent),
-                )
+                return failed(failure)
             if should_stop is not None and should_stop():
-                return unfinished(failure)
+                return failed(failure, UNFINISHED)
             await asyncio.sleep(backoff_delay(attempt, backoff_s, backoff_max_s, failure.retry_after_s))
             if should_stop is not None and should_stop():  # the stop came during the backoff
-                return unfinished(failure)
+                return failed(failure, UNFINISHED)
 
 
 async def stream_chat(
