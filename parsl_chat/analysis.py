@@ -1049,12 +1049,13 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
     place = _place(df)
     node_alloc: dict[str, float] = {}
     out_blocks = []
-    for block in blocks:
-        entry, nodes = _block_entry(df, block, place, run_end)
+    block_rows = [_block_rows(df, block) for block in blocks]
+    for block, rows in zip(blocks, block_rows, strict=True):
+        entry, nodes = _block_entry(df, block, rows, place, run_end)
         out_blocks.append(entry)
         for node in nodes:
             node_alloc[node] = node_alloc.get(node, 0.0) + (entry["duration_s"] or 0.0)
-    on_blocks = np.logical_or.reduce([_block_rows(df, b).to_numpy(dtype=bool) for b in blocks])
+    on_blocks = np.logical_or.reduce([rows.to_numpy(dtype=bool) for rows in block_rows])
     # busy: only the requests that ran on the blocks counted as allocated (not a warm start's driver)
     union = _union_by_group(place[on_blocks], df["started_at"][on_blocks], df["finished_at"][on_blocks])
     per_node: list[dict[str, Any]] = []
@@ -1078,9 +1079,8 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
 
 
 def _block_entry(
-    df: pd.DataFrame, block: Mapping[str, Any], place: pd.Series, run_end: pd.Timestamp | None
+    df: pd.DataFrame, block: Mapping[str, Any], rows: pd.Series, place: pd.Series, run_end: pd.Timestamp | None
 ) -> tuple[dict[str, Any], list[str]]:
-    rows = _block_rows(df, block)
     nodes = [str(n) for n in block.get("nodes") or []] or sorted(set(place[rows]))
     submitted = _parse_time(block.get("submitted_at"))
     first = df.loc[rows, "started_at"].min()

@@ -569,7 +569,7 @@ def _run(
             else ParslBackend(settings.profile, run_id, run_dir / "logs" / "parsl")
         )
         if isinstance(backend, ParslBackend) and settings.profile.executor == "local" and settings.profile.warm_start:
-            backend = WarmStartBackend(backend, settings.profile.workers, run_dir / ".warm-start-drain", stop_file)
+            backend = WarmStartBackend(backend, settings.profile.workers, run_dir / ".warm-start-drain")
             stop.also_touch.append(backend.drain_file)  # the chunks running in this process stop too
         backend.start()
         if not in_process and settings.profile.executor == "kubernetes":
@@ -997,13 +997,12 @@ class WarmStartBackend:
     does one whose every chunk was sent before the hand-over (:meth:`all_submitted`).
     """
 
-    def __init__(self, parsl: Any, threads: int, drain_file: Path, stop_file: Path) -> None:
+    def __init__(self, parsl: Any, threads: int, drain_file: Path) -> None:
         self.parsl = parsl
         self.label = parsl.label
         self.workers = parsl.workers
         self.local = InProcessBackend(threads)
         self.drain_file = drain_file
-        self.stop_file = stop_file
         self._ready = threading.Event()  # Parsl's workers can take over (or Parsl failed, or the run ended)
         self._wake = threading.Event()  # a warm-up task came back, or the run is ending
         self._error: BaseException | None = None
@@ -1043,8 +1042,6 @@ class WarmStartBackend:
 
     def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
         if not self._ready.is_set() or self._parsl_stopping is not None:
-            if self.stop_file.exists():  # the run is stopping: in-process chunks stop too
-                self.drain_file.touch()
             local = replace(task, slots=[a.concurrency for a in task.agents], stop_file=str(self.drain_file))
             future = self.local.submit(local)
             self._local.add(future)

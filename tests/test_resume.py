@@ -19,9 +19,6 @@ from conftest import REPO, clean_env, run_cli, start_cli, wait_rows, write_promp
 
 from parsl_chat.ledger import read_ledger
 
-_prompts = write_prompts
-_wait_rows = wait_rows
-
 
 def _start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     # Parsl-specific faults need Parsl's processes from the start, not the warm-start driver
@@ -37,7 +34,7 @@ def test_kill_9_at_random_points_then_resume_exactly_once(backend: str, sim_serv
     log = tmp_path / "requests.jsonl"
     server = sim_server(latency_ms=40, jitter_ms=40, log_path=str(log))
     n = 300
-    prompts = _prompts(tmp_path / "p.jsonl", n)
+    prompts = write_prompts(tmp_path / "p.jsonl", n)
     out = tmp_path / "run"
     extra = ["--no-parsl"] if backend == "no-parsl" else []
     rng = random.Random(7)
@@ -48,7 +45,7 @@ def test_kill_9_at_random_points_then_resume_exactly_once(backend: str, sim_serv
         first = False
         driver = _start([*args, *extra])
         already = len(_recorded(out)) if (out / "ledger.jsonl").exists() else 0
-        _wait_rows(out, already + rng.randint(10, 60))
+        wait_rows(out, already + rng.randint(10, 60))
         time.sleep(rng.uniform(0, 0.3))
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -85,10 +82,10 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_stops_cleanly_with_exit_3_and_resumes(sim_server, tmp_path: Path) -> None:
     server = sim_server(latency_ms=100)
-    prompts = _prompts(tmp_path / "p.jsonl", 400)
+    prompts = write_prompts(tmp_path / "p.jsonl", 400)
     out = tmp_path / "run"
     driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl"])
-    _wait_rows(out, 20)
+    wait_rows(out, 20)
     driver.send_signal(signal.SIGTERM)
     _, stderr = driver.communicate(timeout=60)
     assert driver.returncode == 3, stderr
@@ -109,7 +106,7 @@ def test_sigterm_stops_cleanly_with_exit_3_and_resumes(sim_server, tmp_path: Pat
 
 def test_second_ctrl_c_stops_at_once_and_ledger_stays_valid(sim_server, tmp_path: Path) -> None:
     server = sim_server(latency_ms=3000)
-    prompts = _prompts(tmp_path / "p.jsonl", 50)
+    prompts = write_prompts(tmp_path / "p.jsonl", 50)
     out = tmp_path / "run"
     driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl"])
     time.sleep(2.5)
@@ -126,10 +123,10 @@ def test_second_ctrl_c_stops_at_once_and_ledger_stays_valid(sim_server, tmp_path
 
 def test_worker_killed_mid_run_loses_nothing(sim_server, tmp_path: Path) -> None:
     server = sim_server(latency_ms=50)
-    prompts = _prompts(tmp_path / "p.jsonl", 400)
+    prompts = write_prompts(tmp_path / "p.jsonl", 400)
     out = tmp_path / "run"
     driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--workers", "2"])
-    _wait_rows(out, 30, timeout=120)
+    wait_rows(out, 30, timeout=120)
     pools = [
         p
         for p in psutil.process_iter(["cmdline"])
@@ -293,7 +290,7 @@ def test_ctrl_c_at_a_terminal_reaches_the_whole_group_and_the_run_still_stops_cl
     driver cannot change signal dispositions, so the interchange runs in its own session.
     """
     server = sim_server(latency_ms=100)
-    prompts = _prompts(tmp_path / "p.jsonl", 600)
+    prompts = write_prompts(tmp_path / "p.jsonl", 600)
     out = tmp_path / "run"
     driver = _start(["run", str(prompts), "--endpoint", server.url, "--out", str(out)], {"PARSL_CHAT_WARM_START": warm_start})
     interchange = _interchange_of(driver)
@@ -346,7 +343,7 @@ def test_terminal_hang_up_stops_the_run_cleanly_and_it_resumes(sim_server, tmp_p
     import threading
 
     server = sim_server(latency_ms=100)
-    prompts = _prompts(tmp_path / "p.jsonl", 600)
+    prompts = write_prompts(tmp_path / "p.jsonl", 600)
     out = tmp_path / "run"
     driver, master = _start_on_a_terminal(["run", str(prompts), "--endpoint", server.url, "--out", str(out)])
     reading = threading.Event()
@@ -364,7 +361,7 @@ def test_terminal_hang_up_stops_the_run_cleanly_and_it_resumes(sim_server, tmp_p
     reader.start()
     try:
         interchange = _interchange_of(driver)
-        _wait_rows(out, 12)
+        wait_rows(out, 12)
     finally:
         reading.clear()
         reader.join()
