@@ -91,16 +91,16 @@ def main(argv: list[str] | None = None) -> int:
             ctx.log(f"    wall {r['wall_s']:.2f} s, per agent {r.get('per_agent')}")
     rows = []
     for label in trees:
-        f, r = runs["fanout"][label], runs["routing"][label]
+        fan, rout = runs["fanout"][label], runs["routing"][label]
         rows.append(
             [
                 label,
-                fmt(med([x["wall_s"] for x in f]), 2),
-                fmt_range([x["efficiency"] for x in f]),
-                fmt(med([x.get("request_span_s") for x in f]), 2),
-                fmt(med([x["wall_s"] for x in r]), 2),
-                fmt(med([x.get("request_span_s") for x in r]), 2),
-                f"{med([x['slow_agent_share'] for x in r]):.1%}",
+                fmt(med([x["wall_s"] for x in fan]), 2),
+                fmt_range([x["efficiency"] for x in fan]),
+                fmt(med([x.get("request_span_s") for x in fan]), 2),
+                fmt(med([x["wall_s"] for x in rout]), 2),
+                fmt(med([x.get("request_span_s") for x in rout]), 2),
+                f"{med([x['slow_agent_share'] for x in rout]):.1%}",
             ]
         )
     md = [

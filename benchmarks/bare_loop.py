@@ -37,7 +37,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     source = _prompts(args.prompts)
     out = open(args.out, "w", encoding="utf-8") if args.out else None  # noqa: SIM115
     stats = {"ok": 0, "error": 0, "completion_tokens": 0, "latency_s": 0.0}
-    messages_head = [{"role": "system", "content": args.system}] if args.system else []
+    messages_head: list[Any] = [{"role": "system", "content": args.system}] if args.system else []
 
     if args.client == "openai":
         import openai
@@ -93,7 +93,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             stats["completion_tokens"] += tokens
             stats["latency_s"] += finished - started
             if out is not None:
-                row = {"custom_id": custom_id, "status": status, "error": error, "response": text}
+                row: dict[str, Any] = {"custom_id": custom_id, "status": status, "error": error, "response": text}
                 row.update(started_at=started, finished_at=finished, completion_tokens=tokens)
                 out.write(json.dumps(row) + "\n")
 

@@ -189,7 +189,7 @@ def agents_config(
 @contextlib.contextmanager
 def simulated(latency_ms: float, **plan: Any) -> Iterator[Any]:
     """The simulated endpoint in its own process (``parsl-chat serve --simulate`` does the same)."""
-    from parsl_chat.testing import FaultPlan, SimulatedServer
+    from parsl_chat.serve.simulated import FaultPlan, SimulatedServer
 
     server = SimulatedServer(FaultPlan(latency_ms=latency_ms, **plan), startup_timeout_s=60)
     server.start()

@@ -38,10 +38,10 @@ IN_FLIGHT_PER_AGENT = 2  # x 3 agents = 6 in flight, as the shipped agents.yaml
 
 def _available() -> str | None:
     try:
-        from parsl_chat.server import _check_llama_server, embedded_model_path
+        from parsl_chat.serve.embedded import check_llama_server, embedded_model_path
 
         embedded_model_path()
-        _check_llama_server()
+        check_llama_server()
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -50,11 +50,11 @@ def _available() -> str | None:
 def run(ctx: Context) -> dict[str, Any]:
     problem = _available()
     if problem:
-        data = {"skipped": f"embedded model server unavailable: {problem}"}
+        data: dict[str, Any] = {"skipped": f"embedded model server unavailable: {problem}"}
         write_result(ctx, "model", data, "## 4. Real model\n\nskipped: " + data["skipped"])
         return data
     from parsl_chat.config import ServerConfig
-    from parsl_chat.server import ModelServer
+    from parsl_chat.serve.server import ModelServer
 
     # 144 prompts: about a minute per run here. With 48 (20 s) the warm start answered every chunk in
     # the driver before Parsl's workers were up, so the Parsl variant never ran a request on Parsl.
@@ -111,7 +111,7 @@ def run(ctx: Context) -> dict[str, Any]:
     finally:
         server.stop()
     direct = {r["round"]: r for r in runs.get("direct requests (aiohttp)", [])}
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for label, rs in runs.items():
         ratios = [
             r["tokens_per_s"] / direct[r["round"]]["tokens_per_s"] for r in rs if r["round"] in direct and r.get("tokens_per_s")

@@ -55,7 +55,7 @@ def run(ctx: Context) -> dict[str, Any]:
     ideal_share_slow = speeds[2] / sum(speeds)
     ideal_rr = (n / 3) / speeds[2]
     ideal_ll = n / sum(speeds)
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for policy, rs in runs.items():
         summary[policy] = {
             "wall_s": med([r["wall_s"] for r in rs]),
@@ -67,7 +67,7 @@ def run(ctx: Context) -> dict[str, Any]:
     ratio = None
     if "round_robin" in summary and "least_loaded" in summary and summary["least_loaded"]["wall_s"]:
         ratio = summary["round_robin"]["wall_s"] / summary["least_loaded"]["wall_s"]
-    data = {
+    data: dict[str, Any] = {
         "n": n,
         "latencies_ms": LATENCIES_MS,
         "concurrency_per_agent": CONCURRENCY,

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""parsl-chat benchmarks: fan-out efficiency, scaling past one loop, memory, real model, SLURM, routing.
+"""parsl-chat benchmarks: fan-out efficiency, scaling past one loop, memory, real model, SLURM, routing, cache,
+engines.
 
     python benchmarks/run.py                 # full mode (about an hour on 2 cores)
     python benchmarks/run.py --quick         # a few minutes: proves the scripts work (CI)
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEFAULT_RESULTS, Context, build_proposed_tree, machine_info
 
-SUITES = ("fanout", "beyond", "memory", "model", "slurm", "routing")
+SUITES = ("fanout", "beyond", "memory", "model", "slurm", "routing", "cache", "engines")
 
 
 def _suite(name: str) -> Callable[[Context], dict[str, Any]]:
@@ -51,6 +52,14 @@ def _suite(name: str) -> Callable[[Context], dict[str, Any]]:
         from slurm import run as run_slurm
 
         return run_slurm
+    if name == "cache":
+        from cache import run as run_cache
+
+        return run_cache
+    if name == "engines":
+        from engines import run as run_engines
+
+        return run_engines
     from routing import run as run_routing
 
     return run_routing

@@ -67,7 +67,7 @@ def _wait_idle(env: dict[str, str], timeout_s: float = 90) -> list[str]:
 def run(ctx: Context) -> dict[str, Any]:
     env = _slurm_env()
     if env is None:
-        data = {"skipped": "the dev SLURM cluster is not up (scripts/slurm-dev-cluster start)"}
+        data: dict[str, Any] = {"skipped": "the dev SLURM cluster is not up (scripts/slurm-dev-cluster start)"}
         write_result(ctx, "slurm", data, "## 5. SLURM scaling\n\nskipped: " + data["skipped"])
         return data
     # Two sizes in full mode: the fixed cost per run (~5 s: job start, workers connecting, end)

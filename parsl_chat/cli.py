@@ -126,6 +126,11 @@ def _cli_settings(**kw: Any) -> dict[str, Any]:
         "model": "model",
         "routing": "routing",
         "max_failures": "max_failures",
+        "schema": "schema",
+        "flatten": "output.flatten",
+        "cache": "cache.dir",
+        "cache_mode": "cache.mode",
+        "cache_sampled": "cache.sampled",
     }
     return {mapping[k]: v for k, v in kw.items() if k in mapping and v is not None}
 
@@ -139,14 +144,29 @@ def _cli_settings(**kw: Any) -> dict[str, Any]:
 @click.option("--retry-failed", is_flag=True, help="With --resume: send prompts that ended in error again.")
 @click.option("--force", is_flag=True, help="With --resume: accept changed prompts or models.")
 @click.option("--max-failures", help="Failures allowed before exit 1: a count (10) or share (1%). Default 0.")
+@click.option("--cache", metavar="DIR", help="Response cache shared across runs (a directory every node reaches).")
+@click.option("--cache-mode", type=click.Choice(["read_write", "read", "off"]), help="Use of the cache (default read_write).")
+@click.option(
+    "--cache-sampled/--no-cache-sampled", default=None, help="Also cache answers drawn with temperature > 0 (default: no)."
+)
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; send nothing.")
 @click.option("--skip-invalid", is_flag=True, help="Record bad lines as error rows instead of refusing the file.")
+@click.option(
+    "--schema",
+    type=click.Path(dir_okay=False),
+    help="JSON Schema file every answer must match (agents with a schema of their own keep it).",
+)
+@click.option(
+    "--flatten/--no-flatten",
+    default=None,
+    help="One typed results column per top-level schema property (config: output.flatten).",
+)
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--debug", "debug_run", is_flag=True, help="Verbose logs and tracebacks.")
 @click.pass_context
 def run(ctx: click.Context, prompts: str | None, **opts: Any) -> None:
     """Send every prompt in PROMPTS (JSONL, .txt, or - for stdin) and write a run directory."""
-    from .runner import RunOptions, execute_run
+    from .run import RunOptions, execute_run
 
     if opts["debug_run"]:
         ctx.find_root().obj["debug"] = True
@@ -209,7 +229,7 @@ def validate(prompts: str, config_file: str | None) -> None:
 
     from .config import load_settings
     from .errors import InputError
-    from .prompts import PromptSource, scan, spool_stdin
+    from .io.prompts import PromptSource, scan, spool_stdin
 
     limit = load_settings("local", config_file, {}).run.limits.max_line_bytes
     if prompts == "-":
@@ -247,7 +267,7 @@ def config() -> None:
 def config_show(**opts: Any) -> None:
     """Every setting with its value and where it came from (cli / env / yaml / default)."""
     from .config import load_settings
-    from .runner import describe_fleet
+    from .run import describe_fleet
 
     settings = load_settings(opts["profile"] or "local", opts["config_file"], _cli_settings(**opts))
     table = Table("setting", "value", "source", box=None)
@@ -258,31 +278,153 @@ def config_show(**opts: Any) -> None:
     out_console.print(f"\nfleet, as a run resolves it:\n{fleet}", markup=False, highlight=False, soft_wrap=True)
 
 
+# --------------------------------------------------------------------------- cache
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """Inspect and maintain a response cache directory (run --cache DIR fills it)."""
+
+
+@cache_group.command("stats")
+@click.argument("cache_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_stats(cache_dir: Path, as_json: bool) -> None:
+    """Entries, duplicates, damaged lines, files and bytes of the cache in DIR."""
+    import json
+
+    from .io.cache import stats
+
+    figures = stats(cache_dir).as_dict()
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    files = figures["files"]
+    table = Table("", "", box=None, show_header=False)
+    table.add_row("cache", figures["dir"])
+    table.add_row("entries", f"{figures['entries']:,} distinct requests")
+    table.add_row("records", f"{figures['records']:,} ({figures['duplicates']:,} duplicates, dropped by compact)")
+    table.add_row("damaged lines", f"{figures['damaged_lines']:,} (torn or garbled: skipped)")
+    table.add_row("files", f"{files['compacted']} compacted, {files['sealed']} sealed, {files['open']} open segments")
+    table.add_row("size", f"{figures['bytes'] / 2**20:,.1f} MiB")
+    out_console.print(table)
+
+
+@cache_group.command("compact")
+@click.argument("cache_dir", metavar="DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--idle-s",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Also merge open segments untouched this long (their writer died). 0 when no run is writing.",
+)
+def cache_compact(cache_dir: Path, idle_s: float) -> None:
+    """Merge the segments of DIR into one indexed file; drops duplicate and damaged lines. Safe while runs write."""
+    from .io.cache import compact
+
+    done = compact(cache_dir, idle_s=idle_s)
+    if done.output is None:
+        out_console.print(f"{done.root}: nothing to compact ({done.entries:,} entries)", markup=False)
+    else:
+        out_console.print(
+            f"{done.root}: merged {done.merged_files} file(s) into {done.output}: {done.entries:,} entries, "
+            f"{done.dropped:,} duplicate/damaged line(s) dropped, {done.bytes_before / 2**20:,.1f} -> "
+            f"{done.bytes_after / 2**20:,.1f} MiB",
+            markup=False,
+        )
+    if done.left_open:
+        out_console.print(
+            f"  {done.left_open} open segment(s) left as they are (written less than {idle_s:g} s ago)", markup=False
+        )
+
+
+@cache_group.command("clear")
+@click.argument("cache_dir", metavar="DIR", type=click.Path(path_type=Path))
+def cache_clear(cache_dir: Path) -> None:
+    """Delete every entry of the cache in DIR (the directory stays a cache)."""
+    from .io.cache import clear
+
+    files, size = clear(cache_dir)
+    out_console.print(f"{cache_dir}: removed {files} file(s), {size / 2**20:,.1f} MiB", markup=False)
+
+
 # --------------------------------------------------------------------------- serve / cleanup / report
+
+
+#: ``serve --simulate``'s fault options beyond --latency-ms and --rate-invalid-output: FaultPlan fields,
+#: as ``python -m parsl_chat.serve.simulated`` takes them (FaultPlan checks them; rates must not sum over 1)
+_SIMULATE_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("--jitter-ms", click.FloatRange(min=0), "uniform extra delay per request, in [0, N] ms"),
+    ("--rate-500", click.FloatRange(0, 1), "share of requests answered 500"),
+    ("--rate-429", click.FloatRange(0, 1), "share answered 429 with a Retry-After header"),
+    ("--retry-after-s", click.FloatRange(min=0), "the Retry-After of a 429"),
+    ("--rate-hang", click.FloatRange(0, 1), "share never answered (until the client gives up)"),
+    ("--rate-drop", click.FloatRange(0, 1), "share whose connection is closed without an answer"),
+    ("--fail-first-attempts", click.IntRange(min=0), "500 on the first N attempts of each distinct prompt"),
+    ("--completion-tokens", click.IntRange(min=1), "words per answer"),
+    ("--max-concurrency", click.IntRange(min=0), "slots (others queue); 0 = unlimited"),
+    ("--model", str, "the model name served"),
+    ("--seed", int, "seed of the fault draws (the same faults in every run)"),
+)
+
+
+def _simulate_options(func: Any) -> Any:
+    from .serve.faults import FaultPlan
+
+    defaults = FaultPlan()
+    for flag, kind, help_ in reversed(_SIMULATE_OPTIONS):
+        name = flag[2:].replace("-", "_")
+        default = getattr(defaults, name)
+        option = click.option(
+            flag, name, type=kind, default=default, show_default=default is not None, help=f"Simulated: {help_}."
+        )
+        func = option(func)
+    return func
 
 
 @cli.command()
 @click.option("--simulate", is_flag=True, help="Serve the simulated endpoint (load tests; no model).")
 @click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Simulated latency per request.")
+@click.option(
+    "--rate-invalid-output",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Simulated: share of answers that are not JSON (structured-output load tests).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=0, help="Port (default: a free one).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config whose 'server' section to use.")
-def serve(simulate: bool, latency_ms: float, host: str, port: int, config_file: str | None) -> None:
+@_simulate_options
+def serve(
+    simulate: bool,
+    latency_ms: float,
+    rate_invalid_output: float,
+    host: str,
+    port: int,
+    config_file: str | None,
+    **faults: Any,
+) -> None:
     """Start the embedded model server (or the simulated endpoint) in the foreground and print its URL."""
     from dataclasses import replace
 
     if simulate:
-        from .testing import FaultPlan, run_server
+        from .serve.simulated import FaultPlan, run_server
 
+        try:
+            plan = FaultPlan(latency_ms=latency_ms, rate_invalid_output=rate_invalid_output, **faults)
+        except ValueError as exc:  # e.g. rates that add up to more than 1
+            raise click.UsageError(str(exc)) from exc
         run_server(
-            FaultPlan(latency_ms=latency_ms),
+            plan,
             host=host,
             port=port,
             ready=lambda url: click.echo(f"parsl-chat simulated endpoint: {url}"),
         )
         return
     from .config import load_settings
-    from .server import serve_foreground
+    from .serve.server import serve_foreground
 
     settings = load_settings("local", config_file)
     cfg = replace(settings.run.server, host=host, port=port or settings.run.server.port)
@@ -295,7 +437,7 @@ def serve(simulate: bool, latency_ms: float, host: str, port: int, config_file: 
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 def cleanup(run_dir: Path) -> None:
     """Cancel scheduler jobs (SLURM blocks, pods) left behind by RUN_DIR's dead driver."""
-    from .cleanup import cleanup_run
+    from .backends.cleanup import cleanup_run
 
     for line in cleanup_run(run_dir):
         out_console.print(line, markup=False)

@@ -1,7 +1,7 @@
 """One exception tree for the whole library.
 
 The library raises; only ``cli.py`` turns these into messages and exit codes.
-Each class carries the exit code the SPEC gives it, so the CLI needs no table.
+Each class carries its exit code (docs/interfaces.md, "Exit codes"), so the CLI needs no table.
 """
 
 from __future__ import annotations

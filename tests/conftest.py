@@ -46,7 +46,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
 @pytest.fixture
 def sim_server() -> Iterator[Callable[..., Any]]:
     """Factory: ``sim_server(latency_ms=50, rate_500=0.1, ...)`` -> a started SimulatedServer."""
-    from parsl_chat.testing import FaultPlan, SimulatedServer
+    from parsl_chat.serve.simulated import FaultPlan, SimulatedServer
 
     started: list[SimulatedServer] = []
 
@@ -66,7 +66,7 @@ def sim_server() -> Iterator[Callable[..., Any]]:
 def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real embedded model (SmolLM2-135M on llama.cpp), started once per session."""
     from parsl_chat.config import ServerConfig
-    from parsl_chat.server import ModelServer
+    from parsl_chat.serve.server import ModelServer
 
     log = tmp_path_factory.mktemp("model") / "server.log"
     server = ModelServer(ServerConfig(), log_path=log)
@@ -126,7 +126,7 @@ def start_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.
 
 def wait_rows(out: Path, at_least: int, timeout: float = 60) -> None:
     """Until the run's ledger holds ``at_least`` rows."""
-    from parsl_chat.ledger import read_ledger
+    from parsl_chat.io.ledger import read_ledger
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

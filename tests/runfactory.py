@@ -1,6 +1,6 @@
 """Build run directories for tests, exactly as the pipeline writes them.
 
-``results.parquet`` is written with pyarrow and the SPEC's schema (column
+``results.parquet`` is written with pyarrow and the schema of docs/interfaces.md (column
 order and types), ``results.csv`` with the same rows, ``run.json`` with the
 run metadata; optionally ``ledger.jsonl`` (timestamps as ISO strings) and
 ``config.yaml``. Times are given in seconds after :data:`T0`.
@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from parsl_chat.results import SCHEMA
+from parsl_chat.io.results import SCHEMA
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 

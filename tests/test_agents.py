@@ -1,4 +1,4 @@
-"""Unit tests for parsl_chat.agents: classification, retries and backoff, secrets, streaming (httpx.MockTransport)."""
+"""Unit tests for parsl_chat.core.agents: classification, retries and backoff, secrets, streaming (httpx.MockTransport)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-import parsl_chat.agents as agents_mod
-from parsl_chat.agents import (
+import parsl_chat.core.agents as agents_mod
+from parsl_chat.config import AgentConfig, LimitsConfig, ProfileConfig, RunConfig, Secret, Settings, Source
+from parsl_chat.core.agents import (
     ERROR_TYPES,
     TRANSIENT,
     UNFINISHED,
@@ -24,7 +25,6 @@ from parsl_chat.agents import (
     resolve_agents,
     stream_chat,
 )
-from parsl_chat.config import AgentConfig, LimitsConfig, ProfileConfig, RunConfig, Secret, Settings, Source
 
 KEY = "sk-live-0123456789abcdefSECRET"
 MESSAGES = [{"role": "user", "content": "Hi"}]
@@ -586,7 +586,16 @@ def test_resolve_agents_defaults() -> None:
     specs = resolve_agents(settings(), "http://h:1/v1/", "m", Secret(KEY))
     assert [s.name for s in specs] == ["agent", "agent-2", "agent-3"]
     assert all(s.endpoint == "http://h:1/v1" and s.model == "m" and s.api_key == Secret(KEY) for s in specs)
-    assert all(s.concurrency == 4 for s in specs)
+    # no endpoint configured: the three agents are on the embedded server and share its slots (this
+    # machine's: llama-server's slots from its cores, or 1 for llama-cpp-python's server)
+    from parsl_chat.core.llama_build import embedded_slots_share
+
+    share = embedded_slots_share(settings(), 3)
+    assert share is not None and all(s.concurrency == share for s in specs)
+    # limits.concurrency set by the user wins
+    configured = settings()
+    configured.sources["limits.concurrency"] = Source("yaml", "limits.concurrency")
+    assert all(s.concurrency == 4 for s in resolve_agents(configured, "http://h:1/v1/", "m", None))
 
 
 def test_resolve_agents_configured_count_wins_unless_explicit() -> None:
@@ -610,7 +619,9 @@ def test_resolve_agents_own_values_win() -> None:
         ),
         AgentConfig(name="b"),
     )
-    a, b = resolve_agents(settings(configured, concurrency=3), "http://run/v1", "run-model", Secret(KEY))
+    own = settings(configured, concurrency=3)
+    own.sources["limits.concurrency"] = Source("yaml", "limits.concurrency")  # set: not the embedded slots' share
+    a, b = resolve_agents(own, "http://run/v1", "run-model", Secret(KEY))
     assert (a.model, a.endpoint, a.api_key, a.params, a.weight, a.concurrency) == (
         "own",
         "http://own:2/v1",
@@ -627,3 +638,20 @@ def test_request_failure() -> None:
     failure = RequestFailure("rate_limit", "HTTP 429", 3.0)
     assert (failure.error_type, str(failure), failure.retry_after_s) == ("rate_limit", "HTTP 429", 3.0)
     assert RequestFailure("auth", "x").retry_after_s is None
+
+
+def test_llama_server_timings_say_where_the_latency_went(sleeps: list[float]) -> None:
+    """llama-server's per-response timings: prompt and generation time; the rest was the wait for a slot."""
+    from parsl_chat.worker.executor import _server_times
+
+    timings = {"prompt_n": 7, "prompt_ms": 40.0, "predicted_n": 3, "predicted_ms": 160.0}
+    outcome = complete(Server(ok_response(timings=timings)))
+    assert (outcome.server_prompt_s, outcome.server_generation_s) == (0.04, 0.16)
+    assert outcome.server_s == pytest.approx(0.2)
+    outcome.started_at, outcome.finished_at = 100.0, 101.5
+    assert _server_times(outcome) == {"server_queue_s": 1.3, "server_prompt_s": 0.04, "server_generation_s": 0.16}
+    # servers without timings (vLLM, hosted APIs, the simulator), or odd values: nothing is made up
+    plain = complete(Server(ok_response()))
+    assert plain.server_s is None and _server_times(plain)["server_queue_s"] is None
+    odd = complete(Server(ok_response(timings={"prompt_ms": "fast", "predicted_ms": -1})))
+    assert (odd.server_prompt_s, odd.server_generation_s) == (None, None)

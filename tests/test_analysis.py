@@ -131,9 +131,9 @@ def test_ledger_only_run_tolerates_torn_line_and_duplicates(tmp_path: Path) -> N
 
 
 def test_ledger_is_read_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import parsl_chat.analysis as analysis
+    import parsl_chat.report.load as load
 
-    monkeypatch.setattr(analysis, "LEDGER_CHUNK", 2)
+    monkeypatch.setattr(load, "LEDGER_CHUNK", 2)
     retried = row("p1", start=4, latency=1, attempts=2, completion_tokens=99)
     ledger_rows = [*KNOWN_ROWS[:5], retried]  # p1's later record lands in another chunk
     run_dir = make_run(tmp_path / "r", [], run_meta("r"), results=False, ledger=True, ledger_rows=ledger_rows)
@@ -219,6 +219,26 @@ def test_summary_is_json_and_counts(known: dict[str, Any]) -> None:
         "unfinished": 0,  # run.json says none (an interrupted run says how many)
     }
     assert known["run"]["run_id"] == "known" and known["run"]["partial"] is False
+
+
+def test_writing_summary_json_imports_no_matplotlib() -> None:
+    # the pipeline writes summary.json through parsl_chat.report: its plotting half loads on first use
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from parsl_chat.report import write_summary; from parsl_chat.analysis import compare, load_run;"
+        " print('matplotlib' in sys.modules); from parsl_chat.report import write_html; print('matplotlib' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+
+def test_summary_sections_are_those_of_the_typed_dict_in_order(known: dict[str, Any]) -> None:
+    from parsl_chat.report import Summary
+
+    assert list(known) == list(Summary.__annotations__)
 
 
 def test_failed_status_is_a_finished_run_not_a_partial_one(tmp_path: Path) -> None:
@@ -420,7 +440,7 @@ def test_summarize_run_agrees_with_many_groups_and_wide_counts(tmp_path: Path) -
 def test_union_by_group_matches_busy_union_per_group() -> None:
     import numpy as np
 
-    from parsl_chat.analysis import _union_by_group
+    from parsl_chat.report.intervals import _union_by_group
 
     rng = np.random.default_rng(3)
     n = 400
@@ -499,3 +519,59 @@ def test_compare_same_nodes_scales_agent_slots(tmp_path: Path) -> None:
 
 def test_compare_empty_list() -> None:
     assert compare([]).empty
+
+
+def test_structured_output_rate_per_agent_and_model(tmp_path: Path) -> None:
+    """Both readers count valid answers (``parsed`` set) and invalid_output rows per agent and model."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i in range(40):
+        r = row(f"q{i:03d}", agent="ab"[i % 2], start=i * 0.1)
+        if r["agent"] == "a":  # agent b has no schema: it must not appear
+            if i % 10 == 0:
+                r.update(status="error", error_type="invalid_output", error="not JSON", response="Sure!")
+            else:
+                r["parsed"] = json.dumps({"label": "pos"})
+        rows.append(r)
+    rows.append(row("q900", agent="a", status="error", error_type="timeout"))  # not a structured answer
+    run_dir = make_run(tmp_path / "r", rows, run_meta("r"))
+    parquet = run_dir / "results.parquet"
+    pq.write_table(pq.read_table(parquet), parquet, row_group_size=7)
+    compact = summarize_run(run_dir)
+    assert compact == json.loads(json.dumps(summarize(load_run(run_dir))))
+    assert compact["structured"] == [
+        {"agent": "a", "model": "model-a", "answers": 20, "valid": 16, "invalid_output": 4, "invalid_output_rate": 0.2}
+    ]
+
+
+def test_no_structured_section_without_schemas(known: dict[str, Any]) -> None:
+    assert known["structured"] is None
+
+
+def test_server_time_tells_waiting_for_a_slot_from_work(tmp_path: Path) -> None:
+    """llama-server's per-response timings split latency into waiting for a slot and the server's work.
+
+    Two agents x 2 slots = 4 slots over a 10 s run; three rows have timings:
+      p1 latency 2 = queue 1.5 + prompt 0.1 + generation 0.4
+      p2 latency 4 = queue 3.0 + prompt 0.2 + generation 0.8
+      p3 latency 1 = queue 0.0 + prompt 0.1 + generation 0.9
+    queue 4.5 of their 7 s latency; busy agent-s 12 (every row), so work = 12 - 4.5 = 7.5 of 40.
+    """
+    timings = {"p1": (1.5, 0.1, 0.4), "p2": (3.0, 0.2, 0.8), "p3": (0.0, 0.1, 0.9)}
+    rows = [dict(r) for r in KNOWN_ROWS]
+    for r in rows:
+        queue, prompt, generation = timings.get(r["custom_id"], (None, None, None))
+        r.update(server_queue_s=queue, server_prompt_s=prompt, server_generation_s=generation)
+    run_dir = make_run(tmp_path / "timed", rows, run_meta("timed", blocks=KNOWN_BLOCKS))
+    summary = summarize(load_run(run_dir))
+    server = summary["server_time"]
+    assert server["n"] == 3
+    assert server["queue_s"] == approx(4.5) and server["prompt_s"] == approx(0.4) and server["generation_s"] == approx(2.1)
+    assert server["queue_share"] == approx(4.5 / 7)
+    assert server["queue_p50"] == approx(1.5)
+    assert summary["parallel_efficiency"] == approx(12 / 40)
+    assert server["work_agent_s"] == approx(7.5) and server["work_efficiency"] == approx(7.5 / 40)
+    assert summarize_run(run_dir)["server_time"] == server  # the compact reader agrees
+    # without timings (every server but llama-server) there is no such section
+    assert summarize(load_run(known_run(tmp_path)))["server_time"] is None

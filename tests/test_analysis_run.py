@@ -15,7 +15,7 @@ from test_report import PLOT_NAMES, chromium, loaded_counts
 
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from parsl_chat.testing import FaultPlan, SimulatedServer
+    from parsl_chat.serve.simulated import FaultPlan, SimulatedServer
 
     out = tmp_path_factory.mktemp("analysis") / "run"
     with SimulatedServer(FaultPlan(latency_ms=30, jitter_ms=40, seed=5), startup_timeout_s=60) as server:

@@ -93,3 +93,25 @@ def test_routing_figures_are_sane(quick_results: Path) -> None:
     assert max(rr.values()) - min(rr.values()) <= 1  # round_robin splits evenly, whatever the speeds
     assert 0 < data["ideal_slow_agent_share"] < 1 / 3
     assert data["speedup_least_loaded"] > 0
+
+
+@pytest.mark.model
+def test_the_engines_benchmark_runs_both_engines_and_llama_batched_bench(tmp_path: Path) -> None:
+    """BENCHMARKS.md §8 in quick mode (about 2.5 minutes): every run answered, every figure there."""
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--only", "engines",
+         "--results", str(results), "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=540, cwd=REPO, env=clean_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = _load(results, "engines")
+    assert "skipped" not in data, data.get("skipped")  # CI builds llama-server (scripts/install)
+    assert data["plan"].startswith("llama-server") and data["slots"] >= 2
+    quickstart = len((REPO / "examples" / "prompts.jsonl").read_text().splitlines())
+    for variant, figures in data["summary"].items():
+        assert figures["ok"] == (quickstart if variant.startswith("quickstart") else data["n"]), variant
+        assert figures["tokens_per_s"] > 0 and figures["wall_s"] > 0, variant
+    assert {"quickstart b/a tokens_per_s", "quickstart b/a prompts_per_s"} <= set(data["ratios"])
+    assert all(ratio > 0 for figures in data["ratios"].values() for ratio in figures["runs"])
+    assert data["batched_bench"] and all(row["tokens_per_s"] > 0 for row in data["batched_bench"])

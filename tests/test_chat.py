@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from conftest import REPO, clean_env, run_cli
 
-from parsl_chat.agents import AgentSpec
 from parsl_chat.chat import ChatConfig, ChatSession, RequestStat, summarize_requests
 from parsl_chat.config import load_settings
-from parsl_chat.sessions import SessionStore
+from parsl_chat.core.agents import AgentSpec
+from parsl_chat.io.sessions import SessionStore
 
 COMMANDS = ("help", "stats", "batch", "agents", "agent", "history", "reset", "save", "quit")
 KEY = "sk-test-chat-0123456789abcdef"
@@ -62,7 +62,8 @@ def test_piped_questions_stats_help_and_hint(sim_server, tmp_path: Path) -> None
     busy = number(r"\(([\d.]+) busy agent-s", out)
     slots = number(r"/ \((\d+) slots x", out)
     wall = number(r"slots x ([\d.]+) s\)", out)
-    assert slots == 6 and busy >= 3 * 0.02
+    # 3 agents x limits.concurrency 4 (the shipped agents.yaml no longer pins 2: on the embedded server it follows its slots)
+    assert slots == 12 and busy >= 3 * 0.02
     assert eff == pytest.approx(100 * busy / (slots * wall), rel=0.1, abs=0.2)  # printed figures are rounded
     for agent in ("analyst", "teacher", "summarizer"):
         assert re.search(rf"^{agent}\s+1\s+0\s+[\d.]+\s+[\d.]+%", out, re.M), agent

@@ -93,8 +93,9 @@ def test_shipped_local_profile_and_agents(tmp_path: Path) -> None:
     assert settings.profile.executor == "local"
     assert [a.name for a in settings.run.agents] == ["analyst", "teacher", "summarizer"]
     assert settings.run.agents[0].params == {"temperature": 0.2, "max_tokens": 96}
-    assert settings.run.limits.concurrency == 2
-    src = settings.source_of("limits.concurrency")
+    # concurrency is not pinned: agents on the embedded server share its slots (llama_build.embedded_slots_share)
+    assert settings.run.limits.concurrency == 4 and settings.source_of("limits.concurrency").kind == "default"
+    src = settings.source_of("limits.timeout_s")
     assert src.kind == "yaml"
     assert src.detail.startswith(str(shipped_configs_dir() / "agents.yaml") + ":")
     assert settings.files[0] == shipped_configs_dir() / "local.yaml"
@@ -604,6 +605,7 @@ def test_as_dict_shape(tmp_path: Path) -> None:
             "params": {},
             "weight": 1.0,
             "concurrency": None,
+            "schema": None,
         }
     ]
     yaml.safe_dump(data)  # plain data only
@@ -689,3 +691,82 @@ def test_parse_max_failures_rejects(spec: str) -> None:
 def test_parse_max_failures_where() -> None:
     with pytest.raises(ConfigError, match=r"^cfg.yaml:3: "):
         parse_max_failures("x", "cfg.yaml:3")
+
+
+# --------------------------------------------------------------------------- structured output
+
+LABEL_SCHEMA = '{"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}'
+
+
+def test_schema_files_are_relative_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "label.json").write_text(LABEL_SCHEMA)
+    (tmp_path / "schemas" / "other.json").write_text(LABEL_SCHEMA)
+    monkeypatch.chdir(tmp_path / "schemas")  # not where the config is
+    settings = load(
+        tmp_path,
+        config="schema: schemas/label.json\nagents:\n  - name: a\n  - name: b\n    schema: schemas/other.json\n",
+    )
+    assert settings.run.schema == str(tmp_path / "schemas" / "label.json")
+    assert settings.run.agents[1].schema == str(tmp_path / "schemas" / "other.json")
+    assert settings.source_of("schema").kind == "yaml"
+    from_cli = load(tmp_path, cli={"schema": "label.json"})  # an option: relative to the working directory
+    assert from_cli.run.schema == str(tmp_path / "schemas" / "label.json")
+
+
+def test_missing_or_bad_schema_file_names_the_config_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config\.yaml:2: schema file .*nope\.json does not exist"):
+        load(tmp_path, config="routing: round_robin\nschema: nope.json\n")
+    (tmp_path / "bad.json").write_text('{"type": "object",\n "required": "label"}')
+    with pytest.raises(ConfigError, match=r"bad\.json: 'json_schema.schema': not a valid JSON Schema.*named by .*config\.yaml:3"):
+        load(tmp_path, config="agents:\n  - name: a\n    schema: bad.json\n")
+
+
+def test_server_threads_are_settings_with_sources(tmp_path: Path) -> None:
+    settings = load(tmp_path, config="server: {threads: 2}\n", env={"PARSL_CHAT_SERVER_BATCH_THREADS": "1"})
+    assert (settings.run.server.threads, settings.run.server.batch_threads) == (2, 1)
+    assert settings.source_of("server.batch_threads").kind == "env"
+    with pytest.raises(ConfigError, match=r"config\.yaml:1: 'server.threads' must be 0 \(from the cores\) or more"):
+        load(tmp_path, config="server: {threads: -1}\n")
+
+
+def test_structured_settings_checked(tmp_path: Path) -> None:
+    (tmp_path / "label.json").write_text(LABEL_SCHEMA)
+    with pytest.raises(ConfigError, match=r"config\.yaml:3: agent 'a' has both 'schema' and 'params.response_format'"):
+        load(tmp_path, config="agents:\n  - name: a\n    schema: label.json\n    params: {response_format: {type: text}}\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml:3: 'params.response_format' of agent 'a': 'type' must be"):
+        load(tmp_path, config="agents:\n  - name: a\n    params: {response_format: {type: xml}}\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml:1: 'limits.max_invalid_retries' must be 0 or more"):
+        load(tmp_path, config="limits: {max_invalid_retries: -1}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'flaten' in 'output'; valid keys: flatten, errors_in_output"):
+        load(tmp_path, config="output: {flaten: true}\n")
+
+
+def test_output_and_retries_from_every_layer(tmp_path: Path) -> None:
+    settings = load(tmp_path, config="output: {flatten: true}\n", env={"PARSL_CHAT_LIMITS_MAX_INVALID_RETRIES": "5"})
+    assert settings.run.output.flatten is True and settings.run.output.errors_in_output is False
+    assert settings.run.limits.max_invalid_retries == 5
+    assert load(tmp_path).run.limits.max_invalid_retries == 2
+    settings = load(tmp_path, config="output: {flatten: true}\n", cli={"output.flatten": False})
+    assert settings.run.output.flatten is False and settings.source_of("output.flatten").kind == "cli"
+
+
+def test_agents_get_the_schema_as_response_format(tmp_path: Path) -> None:
+    from parsl_chat.core.agents import resolve_agents
+
+    (tmp_path / "label.json").write_text(LABEL_SCHEMA)
+    (tmp_path / "own.json").write_text('{"name": "own", "schema": {"type": "object"}, "strict": true}')
+    settings = load(
+        tmp_path,
+        config=(
+            "schema: label.json\nagents:\n  - name: a\n  - name: b\n    schema: own.json\n"
+            "  - name: c\n    params: {response_format: {type: json_object}}\n"
+        ),
+    )
+    a, b, c = resolve_agents(settings, "http://h:1/v1", "m", None)
+    assert a.params["response_format"]["json_schema"]["name"] == "label"
+    assert b.params["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "own", "schema": {"type": "object"}, "strict": True},
+    }
+    assert c.params["response_format"] == {"type": "json_object"}

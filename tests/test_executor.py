@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from parsl_chat.agents import AgentSpec
 from parsl_chat.config import LimitsConfig
-from parsl_chat.executor import ChunkTask, WorkItem, run_chunk
+from parsl_chat.core.agents import AgentSpec
+from parsl_chat.worker.executor import ChunkTask, WorkItem, run_chunk
 
 
 def _items(first: int, count: int) -> list[WorkItem]:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from conftest import EXAMPLES, REPO, assert_figures_within_bounds, clean_env, run_cli
 
-from parsl_chat.runner import run_id_for
+from parsl_chat.run import run_id_for
 
 pytest.importorskip("kmock")
 client = pytest.importorskip("kubernetes.client")
@@ -432,8 +432,8 @@ def test_cluster_problems_are_named(emulator: Emulator, tmp_path: Path) -> None:
 
 
 def test_delete_run_pods_uses_the_recorded_cluster(emulator: Emulator, tmp_path: Path) -> None:
+    from parsl_chat.backends.kube import cluster_record, delete_run_pods, pod_prefix, run_label
     from parsl_chat.config import ProfileConfig
-    from parsl_chat.kube import cluster_record, delete_run_pods, pod_prefix, run_label
 
     run_id = "20260101T000000Z-abc123"
     label = run_label(run_id)
@@ -468,7 +468,7 @@ def test_delete_run_pods_uses_the_recorded_cluster(emulator: Emulator, tmp_path:
 
 
 def test_names_labels_and_stuck_pods() -> None:
-    from parsl_chat.kube import _stuck_reason, _termination, _unschedulable, pod_prefix, run_label
+    from parsl_chat.backends.kube import _stuck_reason, _termination, _unschedulable, pod_prefix, run_label
 
     assert run_label("20260101T000000Z-abc123") == "20260101T000000Z-abc123"
     odd = run_label("my run/with spaces" + "x" * 80)
@@ -501,3 +501,20 @@ def test_names_labels_and_stuck_pods() -> None:
         137,
         "exit code 137, OOMKilled",
     )
+
+
+def test_provider_options_match_parsls_constructor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider skips Parsl's constructor (its load_kube_config()) but stores what it stores."""
+    from parsl.providers import KubernetesProvider
+
+    from parsl_chat.backends.kube import _store_provider_options
+
+    options: dict[str, Any] = {"image": "img:1", "namespace": "ns", "max_cpu": 0.5, "init_cpu": 0.5, "max_mem": "1Gi",
+                               "pod_name": "parsl-chat-x", "annotations": {"a": "b"}, "persistent_volumes": []}  # fmt: skip
+    monkeypatch.setattr(kconfig, "load_kube_config", lambda *a, **k: None)
+    parsl_made = KubernetesProvider(**options)
+    ours = object.__new__(KubernetesProvider)
+    _store_provider_options(ours, KubernetesProvider, **options)
+    assert {k: v for k, v in vars(ours).items()} == {k: v for k, v in vars(parsl_made).items() if k != "kube_client"}
+    with pytest.raises(TypeError):
+        _store_provider_options(ours, KubernetesProvider, image="i", no_such_option=1)

@@ -1,4 +1,4 @@
-"""Unit tests for parsl_chat.ledger: append/read, torn tails, the done index."""
+"""Unit tests for parsl_chat.io.ledger: append/read, torn tails, the done index."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from parsl_chat.ledger import Ledger, LedgerIndex, digest_matches, id_hash, read_ledger
+from parsl_chat.io.ledger import Ledger, LedgerIndex, digest_matches, id_hash, read_ledger
 
 
 def rec(custom_id: str, status: str = "ok", digest: str | None = "00000000000000ab", **extra: Any) -> dict[str, Any]:
@@ -151,7 +151,7 @@ def test_open_keeps_clean_ledger(tmp_path: Path) -> None:
 
 
 def test_fsync_throttled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import parsl_chat.ledger as ledger_mod
+    import parsl_chat.io.ledger as ledger_mod
 
     calls: list[int] = []
     monkeypatch.setattr(ledger_mod.os, "fsync", lambda fd: calls.append(fd))
@@ -235,7 +235,7 @@ def test_digest_matches() -> None:
 
 
 def test_digest_matches_prompt_digest(tmp_path: Path) -> None:
-    from parsl_chat.prompts import Prompt
+    from parsl_chat.io.prompts import Prompt
 
     prompt = Prompt(custom_id="a", line=1, messages=({"role": "user", "content": "x"},))
     changed = Prompt(custom_id="a", line=1, messages=({"role": "user", "content": "y"},))

@@ -1,4 +1,4 @@
-"""Unit tests for parsl_chat.limits: token buckets, the AIMD window, slots, server queue metrics."""
+"""Unit tests for parsl_chat.core.limits: token buckets, the AIMD window, slots, server queue metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-import parsl_chat.limits as limits_mod
-from parsl_chat.limits import AgentLimits, TokenBucket, _server_waiting
+import parsl_chat.core.limits as limits_mod
+from parsl_chat.core.limits import AgentLimits, TokenBucket, _server_waiting
 
 
 class Clock:
@@ -41,8 +41,10 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 @pytest.fixture(autouse=True)
 def fresh_metrics_cache() -> Iterator[None]:
     limits_mod._NO_METRICS.clear()
+    limits_mod._SLOTS.clear()
     yield
     limits_mod._NO_METRICS.clear()
+    limits_mod._SLOTS.clear()
 
 
 def run(coro: Any) -> Any:
@@ -366,51 +368,85 @@ class _Agent:
     endpoint = "http://q:8000/v1"
 
 
-def test_wait_for_server_queue(clock: Clock) -> None:
+def test_least_loaded_estimate_from_the_servers_metrics(clock: Clock) -> None:
+    """One slot busy and three waiting at a llama-server: a new request waits four rounds of its service time."""
     seen: list[str] = []
-    state = {"waiting": 4}
+    state = {"running": 1, "waiting": 3}
 
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text=f'vllm:num_requests_waiting{{model_name="m"}} {state["waiting"]}\n')
+        if request.url.path == "/props":  # llama-server says how many slots it has
+            return httpx.Response(200, json={"total_slots": 2})
+        return httpx.Response(
+            200, text=f"llamacpp:requests_processing {state['running']}\nllamacpp:requests_deferred {state['waiting']}\n"
+        )
 
     async def main() -> None:
-        lim = AgentLimits(2)
+        lim = AgentLimits(4)
+        lim.in_flight = 4
         async with metrics_client(handler, seen) as client:
-            await lim.wait_for_server_queue(client, _Agent())
-            assert clock.sleeps == pytest.approx([0.2])
-            state["waiting"] = 0
-            await lim.wait_for_server_queue(client, _Agent())  # within a second: cached answer, waits again
-            assert len(seen) == 1
-            assert clock.sleeps == pytest.approx([0.2, 0.2])
-            clock.now += 2.0
-            await lim.wait_for_server_queue(client, _Agent())  # asks again: the queue is gone
+            await lim.refresh_server_load(client, _Agent())
+            assert lim.server_load is not None and (lim.server_load.running, lim.server_load.waiting) == (1, 3)
+            assert lim.server_slots == 2 and seen[-1].endswith("/props")  # as the server says
+            assert lim.expected_s() is None  # nothing answered yet: no estimate, the agent is tried
+            lim.observe_latency(8.0, server_s=2.0)  # 8 s seen here, 2 s of them the server's own work
+            assert lim.service_s == 2.0 and lim.latency_s == 8.0
+            # behind 4 requests on 2 slots: 3 must finish first, one every second on average
+            assert lim.requests_ahead() == 3 and lim.expected_s() == pytest.approx(2.0 * (1 + 3 / 2))
+            lim.server_slots = 1
+            assert lim.expected_s() == pytest.approx(2.0 * 5)  # 1 slot: four rounds, then its own
+            lim.in_flight = 3  # one answered since the read: the estimate follows without a new read
+            assert lim.server_requests() == 3 and lim.expected_s() == pytest.approx(2.0 * 4)
+            await lim.refresh_server_load(client, _Agent())  # within METRICS_EVERY_S: not asked again
             assert len(seen) == 2
-            assert clock.sleeps == pytest.approx([0.2, 0.2])
-            state["waiting"] = 1000
-            clock.now += 2.0
-            await lim.wait_for_server_queue(client, _Agent())
-            assert clock.sleeps[-1] == pytest.approx(0.5)  # capped
+            clock.now += limits_mod.METRICS_EVERY_S
+            state.update(running=1, waiting=0)
+            await lim.refresh_server_load(client, _Agent())
+            assert len(seen) == 3  # /props is asked once per server
+            assert lim.server_requests() == 3 and lim.server_slots == 2
 
     run(main())
 
 
-def test_wait_for_server_queue_without_metrics(clock: Clock) -> None:
+def test_slots_learnt_from_a_queue_without_props(clock: Clock) -> None:
+    """vLLM-like metrics, no /props: once the server has a queue, what it runs is all it can."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="vllm:num_requests_running 3\nvllm:num_requests_waiting 2\n")
+
+    async def main() -> None:
+        lim = AgentLimits(8)
+        async with metrics_client(handler) as client:
+            await lim.refresh_server_load(client, _Agent())
+        assert lim.server_slots == 3 and lim.slots_estimate() == 3
+
+    run(main())
+
+
+def test_least_loaded_estimate_without_metrics(clock: Clock) -> None:
+    """No /metrics (the simulator, hosted APIs): the agent's own requests against its concurrency."""
+
     async def main() -> None:
         lim = AgentLimits(2)
         async with metrics_client(lambda r: httpx.Response(404)) as client:
             for _ in range(3):
-                await lim.wait_for_server_queue(client, _Agent())
+                await lim.refresh_server_load(client, _Agent())
                 clock.now += 2.0
+        assert lim.server_load is None
+        lim.observe_latency(1.5)  # no server timings: the answer time stands in
+        assert lim.expected_s() == pytest.approx(1.5)
+        lim.in_flight = 2
+        assert lim.expected_s() == pytest.approx(1.5 * (1 + 1 / 2))  # both slots busy: one more waits for the first
 
+    seen: list[str] = []
     run(main())
-    assert clock.sleeps == []
+    assert clock.sleeps == [] and not seen
 
 
 def _drain(path: str, count: int) -> None:
     import asyncio as _asyncio
     from pathlib import Path as _Path
 
-    from parsl_chat.limits import SharedTokenBucket
+    from parsl_chat.core.limits import SharedTokenBucket
 
     bucket = SharedTokenBucket(120, _Path(path))  # 2 per second, burst of 10
 

@@ -1,4 +1,4 @@
-"""profiles.py: the Parsl backend's start-up."""
+"""backends/parsl.py: the Parsl backend's start-up."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from parsl_chat.backends.parsl import ParslBackend
 from parsl_chat.config import load_settings
-from parsl_chat.profiles import ParslBackend
 
 
 def test_the_first_block_is_launched_at_once_and_only_by_parsls_scaling_thread(

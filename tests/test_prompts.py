@@ -1,4 +1,4 @@
-"""Unit tests for parsl_chat.prompts: the three JSONL shapes, .txt, every bad line, scan, streaming."""
+"""Unit tests for parsl_chat.io.prompts: the three JSONL shapes, .txt, every bad line, scan, streaming."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from parsl_chat.config import LimitsConfig
 from parsl_chat.errors import InputError
-from parsl_chat.prompts import (
+from parsl_chat.io.prompts import (
     MAX_LINE_BYTES,
     LineProblem,
     Prompt,
@@ -475,7 +475,7 @@ def test_iter_prompts_skips_lines(tmp_path: Path) -> None:
 
 
 def test_scan_keeps_problem_count_beyond_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import parsl_chat.prompts as prompts_mod
+    import parsl_chat.io.prompts as prompts_mod
 
     monkeypatch.setattr(prompts_mod, "MAX_PROBLEMS_KEPT", 3)
     result = scan(PromptSource(write(tmp_path, "x\n" * 10)))
@@ -593,7 +593,7 @@ def test_scan_memory_is_bounded_tracemalloc(tmp_path: Path) -> None:
 
 _RSS_PROBE = """
 import sys
-from parsl_chat.prompts import PromptSource, scan
+from parsl_chat.io.prompts import PromptSource, scan
 
 def status(field):
     with open("/proc/self/status") as fh:
@@ -625,3 +625,31 @@ def test_scan_200k_lines_memory_is_bounded(tmp_path: Path) -> None:
     grown = int(out.stdout.split()[-1])
     assert out.stdout.startswith("200001 [200001] "), out.stdout
     assert grown < 15_000_000, f"scan grew the peak RSS by {grown / 1e6:.1f} MB"
+
+
+# --------------------------------------------------------------------------- structured output
+
+_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "label", "schema": {"type": "object", "properties": {"label": {"type": "string"}}}},
+}
+
+
+def test_bad_response_format_names_its_field(tmp_path: Path) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    message = problem(tmp_path, json.dumps({"prompt": "hi", "params": {"response_format": bad}}))
+    assert message.startswith("field 'params.response_format': 'json_schema.schema': not a valid JSON Schema")
+    batch = {"custom_id": "r1", "body": {"messages": USER_HI, "response_format": {"type": "yaml"}}}
+    assert problem(tmp_path, json.dumps(batch)).startswith("field 'body.response_format': 'type' must be")
+
+
+def test_scan_collects_the_prompts_schema_properties(tmp_path: Path) -> None:
+    other = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"properties": {"n": {"type": "integer"}}}}}
+    path = jsonl(
+        tmp_path,
+        {"prompt": "a", "params": {"response_format": _FORMAT}},
+        {"custom_id": "b", "body": {"messages": USER_HI, "response_format": other}},
+        {"prompt": "c"},
+    )
+    result = scan(PromptSource(path))
+    assert result.ok and result.property_types == {"label": "string", "n": "integer"}

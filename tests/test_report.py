@@ -20,9 +20,6 @@ from parsl_chat.analysis import compare, load_run, summarize
 from parsl_chat.errors import UsageError
 from parsl_chat.report import (
     PLOT_NAMES,
-    RUN_PLOTS,
-    _context,
-    inflight_series,
     render_comparison,
     render_terminal,
     report_runs,
@@ -30,6 +27,9 @@ from parsl_chat.report import (
     write_comparison_html,
     write_html,
 )
+from parsl_chat.report.figures import _context
+from parsl_chat.report.plots import RUN_PLOTS
+from parsl_chat.report.timeline import inflight_series
 
 CHROMIUM = os.environ.get("PARSL_CHAT_CHROMIUM", "/usr/bin/chromium")
 SECRET = "sk-abcdefghijklmnop"
@@ -82,6 +82,26 @@ def test_terminal_report_full(slurm_run: Path) -> None:
     ):  # fmt: skip
         assert needle in out, needle
     assert "synthetic-4n" in out
+
+
+def test_reports_tell_waiting_for_a_server_slot_from_work(tmp_path: Path) -> None:
+    # 4 rows of 2 s at a llama-server, 1.5 s of each waiting for a slot: 75% of latency queued
+    rows = [dict(row(f"p{i}", start=i, latency=2.0), server_queue_s=1.5, server_prompt_s=0.1, server_generation_s=0.4)
+            for i in range(4)]  # fmt: skip
+    run_dir = make_run(tmp_path / "timed", rows, run_meta("timed"))
+    df = load_run(run_dir)
+    summary = summarize(df)
+    c = console()
+    render_terminal(summary, c)
+    out = text_of(c)
+    assert "server slot wait" in out and "75.0%" in out and "efficiency without it" in out
+    html = write_html(df, summary, tmp_path / "report.html").read_text()
+    assert "server slot wait" in html and "75.0%" in html
+    # a run without server timings shows neither
+    plain = make_run(tmp_path / "plain", [row("p1")], run_meta("plain"))
+    c = console()
+    render_terminal(summarize(load_run(plain)), c)
+    assert "server slot wait" not in text_of(c)
 
 
 def test_terminal_report_all_failed(tmp_path: Path) -> None:

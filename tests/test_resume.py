@@ -17,7 +17,7 @@ import psutil
 import pytest
 from conftest import REPO, clean_env, run_cli, start_cli, wait_rows, write_prompts
 
-from parsl_chat.ledger import read_ledger
+from parsl_chat.io.ledger import read_ledger
 
 
 def _start(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:

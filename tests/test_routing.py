@@ -1,4 +1,4 @@
-"""Unit tests for parsl_chat.routing: smooth weighted round-robin, pins, least_loaded."""
+"""Unit tests for parsl_chat.core.routing: smooth weighted round-robin, pins, least_loaded."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from parsl_chat.agents import AgentSpec
+from parsl_chat.core.agents import AgentSpec
+from parsl_chat.core.routing import ROUTINGS, Router, SmoothRoundRobin
 from parsl_chat.errors import ConfigError
-from parsl_chat.routing import ROUTINGS, Router, SmoothRoundRobin
 
 
 def agents(*weights: float) -> list[AgentSpec]:

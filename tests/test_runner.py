@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 from conftest import EXAMPLES, run_cli
 
-from parsl_chat.results import COLUMNS
+from parsl_chat.io.results import COLUMNS
 
-RUN_FILES = ("config.yaml", "ledger.jsonl", "results.parquet", "results.csv", "output.jsonl", "summary.json", "run.json")
+RUN_FILES = (
+    "config.yaml", "ledger.jsonl", "results.parquet", "results.csv", "output.jsonl", "errors.jsonl", "summary.json", "run.json"
+)  # fmt: skip
 
 
 def _ids(path: Path) -> set[str]:
@@ -158,6 +160,13 @@ def test_failures_beyond_max_failures_exit_1(sim_server, tmp_path: Path) -> None
     df = pd.read_parquet(out / "results.parquet")
     failed = df[df.status == "error"].iloc[0]
     assert failed.error_type == "bad_request" and failed.attempts == 1  # never retried
+    # the Batch API's split: answers in output.jsonl, the failure in errors.jsonl with the endpoint's HTTP answer
+    assert len((out / "output.jsonl").read_text().splitlines()) == 2
+    [error] = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert error["custom_id"] == failed.custom_id and error["error"] is None
+    assert error["response"]["status_code"] == 400
+    assert error["response"]["body"]["error"]["code"] == "bad_request"
+    assert error["response"]["body"]["error"]["message"] == "Bad request (simulated)."
     again = run_cli(
         "run", str(prompts), "--endpoint", server.url, "--out", str(tmp_path / "r2"), "--no-parsl", "--max-failures", "40%"
     )
@@ -276,16 +285,17 @@ def test_a_signal_after_the_last_answer_still_ends_complete(sim_server, tmp_path
 
     from rich.console import Console
 
-    import parsl_chat.runner as runner_mod
+    import parsl_chat.run as runner_mod
+    import parsl_chat.run.pipeline as pipeline_mod
 
     server = sim_server()
-    write = runner_mod.write_results
+    write = pipeline_mod.write_results
 
     def signalled_write(run_dir: Path) -> int:
         os.kill(os.getpid(), signal.SIGTERM)
         return write(run_dir)
 
-    monkeypatch.setattr(runner_mod, "write_results", signalled_write)
+    monkeypatch.setattr(pipeline_mod, "write_results", signalled_write)  # where the finish looks it up
     out = tmp_path / "run"
     options = runner_mod.RunOptions(
         prompts=str(EXAMPLES / "prompts.jsonl"), out=out, no_parsl=True, quiet=True,
@@ -308,8 +318,8 @@ def test_results_are_written_while_the_backend_shuts_down(sim_server, tmp_path: 
 
     from rich.console import Console
 
-    import parsl_chat.runner as runner_mod
-    from parsl_chat.executor import InProcessBackend
+    import parsl_chat.run as runner_mod
+    from parsl_chat.backends.inprocess import InProcessBackend
 
     server = sim_server()
     shutdown = InProcessBackend.shutdown
@@ -352,7 +362,7 @@ def test_the_start_of_a_run_does_not_import_pyarrow_or_pandas() -> None:
     import subprocess
     import sys
 
-    code = "import sys, parsl_chat.cli, parsl_chat.runner; print(sorted({'pyarrow', 'pandas'} & set(sys.modules)))"
+    code = "import sys, parsl_chat.cli, parsl_chat.run; print(sorted({'pyarrow', 'pandas'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -405,7 +415,7 @@ def test_a_run_ending_before_the_warm_start_hand_over_stops_parsl_at_once(sim_se
 def test_the_end_of_run_imports_start_once_the_driver_is_idle() -> None:
     import time
 
-    from parsl_chat.runner import _Preload
+    from parsl_chat.run.finish import _Preload
 
     preload = _Preload(("json",))
     preload.start_if_idle()  # the first turn only starts measuring

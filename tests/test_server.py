@@ -20,10 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from parsl_chat import server as srv
 from parsl_chat.config import ServerConfig
 from parsl_chat.errors import ServerError
-from parsl_chat.server import ModelServer, describe_exit, node_server, server_command, stop_node_server
+from parsl_chat.serve import crash
+from parsl_chat.serve import server as srv
+from parsl_chat.serve.node import node_server, node_state_dir, stop_node_server
+from parsl_chat.serve.server import ModelServer, describe_exit, server_command
 
 REPO = Path(__file__).resolve().parent.parent
 PY = shlex.quote(sys.executable)
@@ -100,7 +102,8 @@ def test_embedded_server_answers_and_stops_cleanly(tmp_path: Path, monkeypatch: 
 
 
 def test_embedded_command_line() -> None:
-    argv = server_command(ServerConfig(model="m1", context_tokens=1024), "127.0.0.1", 4321)
+    # llama-cpp-python's server (llama-server's command line: test_llama_build.py)
+    argv = server_command(ServerConfig(model="m1", context_tokens=1024, engine="llama-cpp-python"), "127.0.0.1", 4321)
     assert argv[0] == sys.executable and "llama_cpp.server" in argv[2]
     assert Path(argv[argv.index("--model") + 1]).name == srv.MODEL_FILE
     pairs = dict(zip(argv[3::2], argv[4::2], strict=True))
@@ -125,7 +128,7 @@ def test_missing_llama_server_gives_the_install_hint(monkeypatch: pytest.MonkeyP
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     with pytest.raises(ServerError, match="server extra") as err:
-        server_command(ServerConfig(), "127.0.0.1", 1)
+        server_command(ServerConfig(engine="llama-cpp-python"), "127.0.0.1", 1)
     assert "llama-cpp-python[server]" in (err.value.hint or "")
 
 
@@ -167,7 +170,7 @@ SIGILL_AFTER_SYSTEM_INFO = (
 
 
 def test_sigill_names_what_the_llama_cpp_build_uses_and_this_cpu_lacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(srv, "_cpu_flags", lambda: {"pni", "avx", "avx2", "fma", "f16c"})
+    monkeypatch.setattr(crash, "_cpu_flags", lambda: {"pni", "avx", "avx2", "fma", "f16c"})
     cfg = command_cfg(f"{PY} -c {shlex.quote(SIGILL_AFTER_SYSTEM_INFO)}")
     with pytest.raises(ServerError) as err:
         ModelServer(cfg, log_path=tmp_path / "s.log").start()
@@ -180,7 +183,8 @@ def test_sigill_names_what_the_llama_cpp_build_uses_and_this_cpu_lacks(tmp_path:
 def test_embedded_server_sigill_says_how_to_rebuild(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     argv = [sys.executable, "-c", SIGILL_AFTER_SYSTEM_INFO]
     monkeypatch.setattr(srv, "server_command", lambda cfg, host, port: argv)
-    server = ModelServer(ServerConfig(), log_path=tmp_path / "s.log")
+    # llama-cpp-python's server here (llama-server's own hint: LLAMA_SERVER_SIGILL_HINT)
+    server = ModelServer(ServerConfig(engine="llama-cpp-python"), log_path=tmp_path / "s.log")
     with pytest.raises(ServerError) as err:
         server.start()
     hint = err.value.hint or ""
@@ -251,7 +255,7 @@ def test_secrets_are_not_echoed_from_the_log(logged: str, masked: str, tmp_path:
 def test_serve_foreground_runs_until_sigterm(tmp_path: Path) -> None:
     code = (
         "import sys; from pathlib import Path; from parsl_chat.config import ServerConfig;"
-        "from parsl_chat.server import serve_foreground;"
+        "from parsl_chat.serve.server import serve_foreground;"
         f"cfg = ServerConfig(kind='command', command={HTTP_SERVER!r}, ready_path='/');"
         "sys.exit(serve_foreground(cfg, Path(sys.argv[1]), lambda s: print(s, flush=True)))"
     )
@@ -279,7 +283,7 @@ WORKER = """
 import json, sys, time
 from pathlib import Path
 from parsl_chat.config import ServerConfig
-from parsl_chat.server import node_server
+from parsl_chat.serve.node import node_server
 state, go, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 print("waiting", flush=True)
 while not go.exists():
@@ -346,6 +350,37 @@ def test_node_server_started_once_for_concurrent_workers(tmp_path: Path) -> None
 
 def test_node_state_dir_is_per_user_run_and_node(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURMD_NODENAME", "nid00042")
-    path = srv.node_state_dir("2026-01-01T00-00-00-ab12")
+    path = node_state_dir("2026-01-01T00-00-00-ab12")
     assert path == Path("/tmp") / f"parsl-chat-{os.getuid()}" / "2026-01-01T00-00-00-ab12-nid00042"
-    assert srv.node_state_dir("a/b").name == "a_b-nid00042"
+    assert node_state_dir("a/b").name == "a_b-nid00042"
+
+
+def test_past_loading_waits_for_llama_servers_503_and_accepts_servers_without_health() -> None:
+    """A restarted llama-server accepts connections while it loads its model (503 on every path)."""
+    import http.server
+    import threading
+
+    from parsl_chat.serve.health import past_loading
+
+    status = {"code": 503}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        assert not past_loading(url)  # "Loading model"
+        status["code"] = 200
+        assert past_loading(url)
+        status["code"] = 404  # llama_cpp.server has no /health: it answers, so it is up
+        assert past_loading(url)
+    finally:
+        httpd.shutdown()
+    assert not past_loading(url)  # nothing listens

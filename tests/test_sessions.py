@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from parsl_chat.errors import ConfigError, UsageError
-from parsl_chat.sessions import SessionStore, list_sessions, sessions_dir
+from parsl_chat.io.sessions import SessionStore, list_sessions, sessions_dir
 
 
 def test_names_are_checked_and_the_error_says_what_is_allowed(tmp_path: Path) -> None:

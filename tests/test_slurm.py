@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
@@ -179,7 +180,7 @@ def _server_config(tmp_path: Path, command: str, ready_timeout_s: float = 30) ->
 
 
 def test_each_node_starts_its_own_model_server(slurm_cluster, slurm_clean, tmp_path: Path) -> None:
-    command = f"{sys.executable} -m parsl_chat.testing --host {{host}} --port {{port}} --latency-ms 20 --model {{model}}"
+    command = f"{sys.executable} -m parsl_chat.serve.simulated --host {{host}} --port {{port}} --latency-ms 20 --model {{model}}"
     out = tmp_path / "run"
     config = _server_config(tmp_path, command)
     result = run_cli("run", str(EXAMPLES / "prompts.jsonl"), "--profile", "slurm", "--config", str(config),
@@ -198,8 +199,8 @@ def test_a_node_server_killed_mid_run_is_restarted_and_every_prompt_ends_ok(slur
     # each node's server logs its requests to a file of its own port; a restart keeps the port
     logs = tmp_path / "requests"
     logs.mkdir()
-    command = (f"{sys.executable} -m parsl_chat.testing --host {{host}} --port {{port}} --latency-ms 40 --model {{model}} "
-               f"--log-path {logs}/{{port}}.jsonl")  # fmt: skip
+    command = (f"{sys.executable} -m parsl_chat.serve.simulated --host {{host}} --port {{port}} --latency-ms 40 "
+               f"--model {{model}} --log-path {logs}/{{port}}.jsonl")  # fmt: skip
     out = tmp_path / "run"
     config = _server_config(tmp_path, command)
     driver = subprocess.Popen(
@@ -272,3 +273,40 @@ def _job_script_function(name: str, *args: str) -> str:
     shown = subprocess.run(["bash", "-c", call, "-", *args], capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     return shown.stdout.strip()
+
+
+@pytest.mark.model
+def test_each_node_serves_the_embedded_model_with_parallel_slots(slurm_cluster, slurm_clean, tmp_path: Path) -> None:
+    """Per-node embedded servers on llama-server: each node generates several requests at once.
+
+    The proof is in the results alone: llama-server's per-response timings say when each
+    request's generation ran (its last ``server_prompt_s + server_generation_s`` before it
+    finished); a server with one slot can never have two of them overlap.
+    """
+    from parsl_chat.core.llama_build import find_llama_build
+
+    build, why = find_llama_build()
+    if build is None:
+        pytest.skip(f"llama-server unavailable: {why}")
+    config = tmp_path / "agents.yaml"
+    config.write_text(
+        "agents:\n"
+        "  - {name: analyst, system_prompt: Be brief., params: {temperature: 0.0, max_tokens: 32}}\n"
+        "  - {name: teacher, system_prompt: Be brief., params: {temperature: 0.0, max_tokens: 32}}\n"
+        "limits:\n  timeout_s: 300\n"  # concurrency unset: the agents share each node's slots
+        "server:\n  kind: embedded\n  engine: llama-server\n  ready_timeout_s: 120\n"
+    )
+    out = tmp_path / "run"
+    result = run_cli("run", str(_prompts(tmp_path / "prompts.jsonl", 32)), "--profile", "slurm", "--config", str(config),
+                     "--out", str(out), env=slurm_cluster.env(), timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and len(df) == 32 and set(df.node) == {"n1", "n2"}
+    assert df.server_generation_s.notna().all(), "no per-response timings: not llama-server"
+    for node, rows in df.groupby("node"):
+        finished = rows.finished_at.astype("int64").to_numpy() / 1e6
+        began = finished - (rows.server_prompt_s + rows.server_generation_s).to_numpy()
+        events = sorted([(t, 1) for t in began] + [(t, -1) for t in finished])
+        at_once = max(np.cumsum([step for _, step in events]))
+        assert at_once >= 2, f"node {node} never generated two requests at once: one slot"
+    assert slurm_cluster.wait_queue_empty() == []

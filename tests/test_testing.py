@@ -27,7 +27,7 @@ import pytest
 from aiohttp import web
 
 from parsl_chat.errors import ServerError
-from parsl_chat.testing import READY_PREFIX, FaultPlan, SimulatedServer, main, make_app, run_server
+from parsl_chat.serve.simulated import READY_PREFIX, FaultPlan, SimulatedServer, main, make_app, run_server
 
 TIMEOUT_S = 10.0  # every client call is bounded; nothing here should take close to this
 
@@ -439,7 +439,7 @@ def test_simulated_server_bad_port_raises_server_error() -> None:
 def test_reading_the_childs_output_leaves_the_shared_offset_alone(tmp_path: Path) -> None:
     # The child writes through the same open file; a parent seek between print()'s two
     # writes once put the newline over the ready line's first byte (CI, twice).
-    from parsl_chat.testing import _contents
+    from parsl_chat.serve.simulated import _contents
 
     with (tmp_path / "out").open("w+b") as shared:
         shared.write(b"parsl-chat simulated endpoint: http://h:1/v1")
@@ -473,12 +473,12 @@ def test_run_server_taken_port_is_a_server_error() -> None:
 
 
 def test_module_prints_exactly_one_ready_line(tmp_path: Path) -> None:
-    """``python -m parsl_chat.testing``: one URL line on stdout, then serves until SIGTERM."""
+    """``python -m parsl_chat.serve.simulated``: one URL line on stdout, then serves until SIGTERM."""
     import subprocess
 
     root = str(Path(__file__).resolve().parent.parent)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "parsl_chat.testing", "--model", "cli"],
+        [sys.executable, "-m", "parsl_chat.serve.simulated", "--model", "cli"],
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -495,3 +495,75 @@ def test_module_prints_exactly_one_ready_line(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 0
     assert out == ""  # nothing after the ready line
+
+
+# --------------------------------------------------------------------------- structured answers
+
+_EXTRACT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "label": {"type": "string", "enum": ["pos", "neg", "neutral"]},
+        "score": {"type": "integer", "minimum": 1, "maximum": 5},
+        "p": {"type": ["number", "null"], "maximum": 1},
+        "sure": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "minItems": 2},
+        "who": {"$ref": "#/$defs/person"},
+        "code": {"const": "X1"},
+        "either": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+    },
+    "required": ["label", "score", "p", "sure", "tags", "who", "code", "either"],
+    "additionalProperties": False,
+    "$defs": {"person": {"type": "object", "properties": {"name": {"type": "string", "minLength": 3}}, "required": ["name"]}},
+}
+
+
+def _schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "extract", "schema": schema, "strict": True}}
+
+
+def _content(response: httpx.Response) -> str:
+    assert response.status_code == 200, response.text
+    text: str = response.json()["choices"][0]["message"]["content"]
+    return text
+
+
+def test_structured_answer_matches_the_schema(serve: Callable[..., str]) -> None:
+    import jsonschema
+
+    url = serve()
+    answers = {}
+    for prompt in ("I love it", "this is dreadful and slow", "ok"):
+        answer = json.loads(_content(_post(url, prompt, response_format=_schema_format(_EXTRACT_SCHEMA))))
+        jsonschema.validate(answer, _EXTRACT_SCHEMA)
+        answers[prompt] = answer
+    assert answers["ok"]["who"]["name"] == "okx"  # padded to minLength from the prompt's words
+    assert len({a["label"] for a in answers.values()}) > 1  # enum values spread over prompts, as labels do
+    again = json.loads(_content(_post(url, "I love it", response_format=_schema_format(_EXTRACT_SCHEMA))))
+    assert again == answers["I love it"]  # the same prompt, the same answer
+    assert json.loads(_content(_post(url, "hi there", response_format={"type": "json_object"}))) == {"answer": "sim hi there"}
+    assert _content(_post(url, "hi there", response_format={"type": "text"})).startswith("sim hi there")
+
+
+@pytest.mark.parametrize(("marker", "spoilt"), [("__invalid_json_2__", "Sure!"), ("__wrong_schema_2__", '["not"')])
+def test_spoiling_markers_last_n_attempts(serve: Callable[..., str], marker: str, spoilt: str) -> None:
+    url = serve()
+    fmt = _schema_format({"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]})
+    answers = [_content(_post(url, f"classify {marker}", response_format=fmt)) for _ in range(3)]
+    assert answers[0].startswith(spoilt) and answers[1].startswith(spoilt)
+    assert json.loads(answers[2]) == {"label": f"classify {marker}"}
+
+
+def test_rate_invalid_output(serve: Callable[..., str]) -> None:
+    url = serve(FaultPlan(rate_invalid_output=1.0))
+    fmt = {"type": "json_object"}
+    assert _content(_post(url, "hi", response_format=fmt)) == "Sure! Here is the JSON you asked for:"
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        FaultPlan(rate_500=0.5, rate_invalid_output=0.6)
+
+
+def test_structured_answer_cut_at_max_tokens(serve: Callable[..., str]) -> None:
+    url = serve()
+    response = _post(url, "one two three four", max_tokens=2, response_format={"type": "json_object"})
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(ValueError):
+        json.loads(_content(response))

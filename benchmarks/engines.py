@@ -1,0 +1,433 @@
+"""7. The embedded model server's engines, side by side on the same GGUF file and CPU.
+
+(a) llama-cpp-python's server (``server.engine: llama-cpp-python``, one request at a
+time), (b) llama.cpp's ``llama-server`` with parallel slots and continuous batching
+(``server.engine: llama-server``, slots and threads sized by parsl-chat from the job's
+cores), (c) ``llama-batched-bench``, llama.cpp's own batched-decoding benchmark, at
+(b)'s parallelism (its slots) with (b)'s mean prompt and completion lengths: what this
+CPU does with no HTTP, no scheduling, every sequence the same length.
+
+(a) and (b) are whole ``parsl-chat run`` processes as a user runs them: the run starts
+its own embedded server (start-up counted in the wall time), the agents' concurrency
+is the default (it follows the server's slots). Two workloads: the quickstart itself
+(``parsl-chat run examples/prompts.jsonl`` with the shipped agents.yaml) and 300
+prompts at temperature 0. Each round runs every variant once, order rotated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    BENCH_DIR,
+    Context,
+    clean_env,
+    fmt,
+    fmt_range,
+    interleaved,
+    md_table,
+    med,
+    parsl_chat_argv,
+    run_dir_name,
+    run_dir_stats,
+    timed,
+    write_result,
+    write_yaml,
+)
+
+REPO = BENCH_DIR.parent
+QUICKSTART = REPO / "examples" / "prompts.jsonl"
+ENGINES = {"(a) llama-cpp-python": "llama-cpp-python", "(b) llama-server": "llama-server"}
+SUBJECTS = (
+    "Amdahl's law",
+    "a hash table",
+    "TCP slow start",
+    "the CAP theorem",
+    "a B-tree",
+    "gradient descent",
+    "photosynthesis",
+    "a mutex",
+    "the Doppler effect",
+    "entropy",
+    "a Bloom filter",
+    "MapReduce",
+    "a batch scheduler",
+    "cache coherence",
+    "RAID 5",
+    "a compiler",
+    "public-key cryptography",
+    "DNS",
+    "a neural network",
+    "plate tectonics",
+    "inflation",
+    "a binary search",
+    "garbage collection",
+    "OpenMP",
+    "a GPU",
+    "Little's law",
+    "a checkpoint",
+    "MPI",
+    "a load balancer",
+    "virtual memory",
+)
+ASKS = (
+    "In one sentence, what is {}?",
+    "Why does {} matter?",
+    "Give one example of {}.",
+    "Explain {} to a student.",
+    "What is a common mistake about {}?",
+    "How would you test {}?",
+    "What limits {}?",
+    "Compare {} with an alternative.",
+    "When is {} the wrong choice?",
+    "Summarize {} in ten words.",
+)
+
+
+def _available() -> str | None:
+    try:
+        from parsl_chat.core.llama_build import find_llama_build
+        from parsl_chat.serve.embedded import check_llama_server, embedded_model_path
+
+        embedded_model_path()
+        check_llama_server()
+        build, why = find_llama_build()
+        if build is None:
+            return why
+        if build.batched_bench is None:
+            return "llama-batched-bench was not built (run scripts/install)"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    with path.open("w") as fh:
+        for i in range(n):
+            ask = ASKS[(i // len(SUBJECTS)) % len(ASKS)].format(SUBJECTS[i % len(SUBJECTS)])
+            fh.write(json.dumps({"id": f"p{i}", "prompt": ask}) + "\n")
+    return path
+
+
+def _token_means(run_dir: Path) -> tuple[float | None, float | None]:
+    """Mean prompt and completion tokens of a run's ok rows."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = run_dir / "results.parquet"
+    if not parquet.exists():
+        return None, None
+    table = pq.read_table(parquet, columns=["status", "prompt_tokens", "completion_tokens"])
+    table = table.filter(pc.equal(table["status"], "ok"))
+    if not table.num_rows:
+        return None, None
+    return pc.mean(table["prompt_tokens"]).as_py(), pc.mean(table["completion_tokens"]).as_py()
+
+
+def run_engine(ctx: Context, prompts: Path, out: Path, engine: str, config: Path | None) -> dict[str, Any]:
+    """One ``parsl-chat run`` that starts its own embedded server on ``engine``."""
+    args = ["run", str(prompts), "--out", str(out), "--quiet"] + (["--config", str(config)] if config else [])
+    t = timed(parsl_chat_argv(*args), env=clean_env({"PARSL_CHAT_SERVER_ENGINE": engine}), cwd=REPO, timeout_s=1800)
+    result: dict[str, Any] = t.brief()
+    if t.rc != 0:
+        result["error"] = (t.stderr or t.stdout)[-2000:]
+        ctx.log(f"    ! parsl-chat exited {t.rc}: {(t.stderr or t.stdout)[-600:]}")
+    result.update(run_dir_stats(out, t.t0))
+    result["mean_prompt_tokens"], result["mean_completion_tokens"] = _token_means(out)
+    result["server_log_head"] = _read(out / "logs" / "model-server.log")[:400]
+    tokens, span, n = result.get("completion_tokens") or 0, result.get("request_span_s"), result.get("ok") or 0
+    result["tokens_per_s"] = tokens / t.wall_s if t.wall_s else None
+    result["prompts_per_s"] = n / t.wall_s if t.wall_s else None
+    result["tokens_per_s_request_phase"] = tokens / span if span else None
+    result["prompts_per_s_request_phase"] = n / span if span else None
+    if not ctx.keep_runs:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def batched_bench(npl: list[int], npp: int, ntg: int, threads: int, batch_threads: int) -> list[dict[str, float]]:
+    """llama-batched-bench on the embedded GGUF: one row per parallel-sequence count in ``npl``."""
+    from parsl_chat.core.llama_build import find_llama_build
+    from parsl_chat.serve.embedded import embedded_model_path
+
+    build, _ = find_llama_build()
+    assert build is not None and build.batched_bench is not None
+    ctx_size = max(npl) * (npp + ntg) + 64
+    argv = [
+        str(build.batched_bench),
+        "-m",
+        str(embedded_model_path()),
+        "-c",
+        str(ctx_size),
+        "-b",
+        "2048",
+        "-ub",
+        "512",
+        "-npp",
+        str(npp),
+        "-ntg",
+        str(ntg),
+        "-npl",
+        ",".join(map(str, npl)),
+        "-t",
+        str(threads),
+        "-tb",
+        str(batch_threads),
+        "--no-repack",
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench exited {proc.returncode}: {proc.stderr[-1000:]}")
+    rows = []
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and re.fullmatch(r"\d+", cells[0]):
+            pp, tg, b, _kv, t_pp, s_pp, t_tg, s_tg, t, s = (float(c) for c in cells)
+            rows.append(
+                {
+                    "npp": pp,
+                    "ntg": tg,
+                    "parallel": int(b),
+                    "t_pp_s": t_pp,
+                    "s_pp": s_pp,
+                    "t_tg_s": t_tg,
+                    "s_tg": s_tg,
+                    "t_s": t,
+                    "s": s,
+                    # (b)'s figures: completion tokens and answers per second of the whole batch
+                    "tokens_per_s": b * tg / t,
+                    "prompts_per_s": b / t,
+                }
+            )
+    if not rows:
+        raise RuntimeError(f"no table in llama-batched-bench's output: {proc.stdout[-1000:]}")
+    return [dict(r, wall_s=round(time.monotonic() - started, 2)) for r in rows]
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    problem = _available()
+    if problem:
+        data: dict[str, Any] = {"skipped": f"llama-server or the embedded model unavailable: {problem}"}
+        write_result(ctx, "engines", data, "## 8. Model server engines\n\nskipped: " + data["skipped"])
+        return data
+    from parsl_chat.config import ServerConfig
+    from parsl_chat.core.llama_build import embedded_plan, job_cores
+
+    plan = embedded_plan(ServerConfig(engine="llama-server"))
+    work = ctx.scratch("engines")
+    n = 30 if ctx.quick else 300
+    max_tokens = 24 if ctx.quick else 64
+    many = write_prompts(work / "prompts.jsonl", n)
+    config = write_yaml(
+        work / "agents.yaml",
+        {
+            "agents": [
+                {"name": f"a{i + 1}", "system_prompt": "Be brief.", "params": {"temperature": 0.0, "max_tokens": max_tokens}}
+                for i in range(3)
+            ],
+            "routing": "round_robin",
+            "limits": {"timeout_s": 300},  # concurrency unset: the agents share the server's slots
+            "server": {"kind": "embedded"},
+        },
+    )
+    workloads = {"quickstart": (QUICKSTART, None), f"{n} prompts": (many, config)}
+    variants = [f"{w} {e}" for w in workloads for e in ENGINES]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for rnd, label in interleaved(variants, ctx.repeats):
+        workload = next(w for w in workloads if label.startswith(w + " "))
+        engine = ENGINES[label[len(workload) + 1 :]]
+        prompts, cfg = workloads[workload]
+        ctx.log(f"  [engines] round {rnd + 1}/{ctx.repeats}: {label}")
+        result = run_engine(ctx, prompts, work / run_dir_name(rnd, len(runs.get(label, [])), label), engine, cfg)
+        result["round"] = rnd
+        ctx.log(
+            f"    wall {result['wall_s']:.1f} s, {result.get('ok')} ok, {result.get('completion_tokens')} tokens, "
+            f"{fmt(result['tokens_per_s'], 1)} tok/s ({fmt(result['tokens_per_s_request_phase'], 1)} in the request phase)"
+        )
+        runs.setdefault(label, []).append(result)
+
+    # (c): llama-batched-bench at (b)'s slots, with (b)'s mean prompt and completion lengths (on the big workload),
+    # and the sweep over parallel sequences that sets parsl-chat's slots per core
+    b_runs = runs.get(f"{n} prompts (b) llama-server", [])
+    npp = round(med([r.get("mean_prompt_tokens") for r in b_runs]) or 40)
+    ntg = round(med([r.get("mean_completion_tokens") for r in b_runs]) or 48)
+    ctx.log(f"  [engines] (c) llama-batched-bench: {plan.slots} parallel, {npp} prompt + {ntg} completion tokens")
+    bench = [batched_bench([plan.slots], npp, ntg, plan.threads, plan.batch_threads)[0] for _ in range(ctx.repeats)]
+    sweep_npl = sorted({1, 2, 4, 8, 16, plan.slots})
+    sweep = {
+        f"{t} generation threads": batched_bench(sweep_npl, npp, ntg, t, plan.batch_threads)
+        for t in sorted({plan.threads, plan.batch_threads})
+    }
+
+    def summarise(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = (
+            "wall_s",
+            "ok",
+            "completion_tokens",
+            "tokens_per_s",
+            "prompts_per_s",
+            "tokens_per_s_request_phase",
+            "prompts_per_s_request_phase",
+            "first_request_s",
+            "mean_latency_ms",
+            "summary_parallel_efficiency",
+            "mean_prompt_tokens",
+            "mean_completion_tokens",
+        )
+        return {k: med([r.get(k) for r in rs]) for k in keys}
+
+    summary = {label: summarise(rs) for label, rs in runs.items()}
+    ratios: dict[str, Any] = {}
+    for workload in workloads:
+        a = {r["round"]: r for r in runs.get(f"{workload} (a) llama-cpp-python", [])}
+        b = {r["round"]: r for r in runs.get(f"{workload} (b) llama-server", [])}
+        for key in ("tokens_per_s", "prompts_per_s", "tokens_per_s_request_phase", "prompts_per_s_request_phase"):
+            within = [b[k][key] / a[k][key] for k in a if k in b and a[k].get(key) and b[k].get(key)]
+            ratios[f"{workload} b/a {key}"] = {"median": med(within), "runs": within}
+        walls = [a[k]["wall_s"] / b[k]["wall_s"] for k in a if k in b]
+        ratios[f"{workload} a/b wall_s"] = {"median": med(walls), "runs": walls}
+    c_tok, c_pr = med([r["tokens_per_s"] for r in bench]), med([r["prompts_per_s"] for r in bench])
+    for key, c in (("tokens_per_s_request_phase", c_tok), ("prompts_per_s_request_phase", c_pr)):
+        within = [r[key] / c for r in b_runs if r.get(key) and c]
+        ratios[f"{n} prompts b/c {key}"] = {"median": med(within), "runs": within}
+    data = {
+        "n": n,
+        "max_tokens": max_tokens,
+        "cores": job_cores(),
+        "plan": plan.describe(),
+        "slots": plan.slots,
+        "threads": plan.threads,
+        "batch_threads": plan.batch_threads,
+        "npp": npp,
+        "ntg": ntg,
+        "summary": summary,
+        "ratios": ratios,
+        "batched_bench": bench,
+        "sweep": sweep,
+        "runs": runs,
+    }
+
+    def ratio(key: str) -> str:
+        r = ratios.get(key) or {}
+        return f"**{fmt(r.get('median'), 2)}** ({fmt_range(r.get('runs') or [], 2)})"
+
+    rows = []
+    for label, s in summary.items():
+        rows.append(
+            [
+                label,
+                fmt(s["ok"], 0),
+                fmt(s["completion_tokens"], 0),
+                fmt(s["wall_s"], 1),
+                fmt(s["first_request_s"], 1),
+                fmt(s["tokens_per_s"], 1),
+                fmt(s["prompts_per_s"], 2),
+                fmt(s["tokens_per_s_request_phase"], 1),
+                fmt(s["prompts_per_s_request_phase"], 2),
+                fmt(s["mean_latency_ms"] / 1000 if s["mean_latency_ms"] else None, 2),
+                fmt(s["summary_parallel_efficiency"], 2),
+            ]
+        )
+    rows.append(
+        [
+            f"(c) llama-batched-bench, {plan.slots} parallel x ({npp} + {ntg} tokens)",
+            "–",
+            "–",
+            fmt(med([r["t_s"] for r in bench]), 2),
+            "–",
+            "–",
+            "–",
+            fmt(c_tok, 1),
+            fmt(c_pr, 2),
+            "–",
+            "–",
+        ]
+    )
+    ratio_rows = []
+    for workload in workloads:
+        ratio_rows.append(
+            [
+                f"{workload}: (b)/(a)",
+                ratio(f"{workload} b/a tokens_per_s"),
+                ratio(f"{workload} b/a prompts_per_s"),
+                ratio(f"{workload} b/a tokens_per_s_request_phase"),
+                ratio(f"{workload} b/a prompts_per_s_request_phase"),
+                ratio(f"{workload} a/b wall_s"),
+            ]
+        )
+    ratio_rows.append(
+        [
+            f"{n} prompts: (b)/(c)",
+            "–",
+            "–",
+            ratio(f"{n} prompts b/c tokens_per_s_request_phase"),
+            ratio(f"{n} prompts b/c prompts_per_s_request_phase"),
+            "–",
+        ]
+    )
+    sweep_rows = [
+        [label, r["parallel"], fmt(r["s_tg"], 1), fmt(r["tokens_per_s"], 1), fmt(r["s"], 1)]
+        for label, rs in sweep.items()
+        for r in rs
+    ]
+    md = [
+        "## 8. Model server engines (SmolLM2-135M Q4_1, same GGUF file)",
+        "",
+        f"{plan.describe()}. (a) and (b): whole `parsl-chat run` processes, each starting its own embedded server, "
+        f"default concurrency (follows the slots); quickstart = `examples/prompts.jsonl` with the shipped agents.yaml; "
+        f"{n} prompts at temperature 0, max_tokens {max_tokens}, 3 agents. {ctx.repeats} round(s), order rotated. "
+        "tokens/s = completion tokens / wall of the whole process; 'request phase' = / (last answer - first request).",
+        "",
+        md_table(
+            [
+                "variant",
+                "ok",
+                "completion tokens",
+                "wall s",
+                "first request s",
+                "tokens/s",
+                "prompts/s",
+                "tokens/s request phase",
+                "prompts/s request phase",
+                "mean latency s",
+                "parallel efficiency",
+            ],
+            rows,
+        ),
+        "",
+        md_table(
+            [
+                "ratio (within a round)",
+                "tokens/s",
+                "prompts/s",
+                "tokens/s request phase",
+                "prompts/s request phase",
+                "wall (a)/(b)",
+            ],
+            ratio_rows,
+        ),
+        "",
+        f"llama-batched-bench sweep ({npp} prompt + {ntg} generated tokens per sequence, {plan.batch_threads} prompt threads):",
+        "",
+        md_table(
+            ["threads", "parallel sequences", "generation t/s (S_TG)", "completion tokens/s, whole batch", "all tokens/s"],
+            sweep_rows,
+        ),
+    ]
+    write_result(ctx, "engines", data, "\n".join(md))
+    return data

@@ -1,0 +1,171 @@
+"""llama.cpp's llama-server on the real model: parallel slots, its /metrics, least_loaded against two of them.
+
+These need the llama-server scripts/install builds (CI runs scripts/install, so there
+they must run: a missing build is a skip, which CI=true turns into a failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import run_cli
+from test_install import PORTABLE, _installed_kind
+
+from parsl_chat.config import ServerConfig
+from parsl_chat.core.limits import ServerLoad, server_load
+from parsl_chat.core.llama_build import find_llama_build
+from parsl_chat.serve import crash
+from parsl_chat.serve import server as srv
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _require_build() -> None:
+    build, why = find_llama_build()
+    if build is None:
+        pytest.skip(f"llama-server unavailable: {why}")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, srv.ModelServer]]:
+    """Three real llama-servers of the embedded model: 4, 1 and 8 slots, one thread each."""
+    _require_build()
+    folder = tmp_path_factory.mktemp("llama-server")
+    started: dict[int, srv.ModelServer] = {}
+    try:
+        for slots in (4, 1, 8):
+            server = srv.ModelServer(ServerConfig(engine="llama-server", slots=slots), log_path=folder / f"{slots}.log")
+            # one thread each (as on a 1-core job): two servers on this 2-core machine, not four spinning threads
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("SLURM_CPUS_ON_NODE", "1")
+                server.start()
+            assert server.plan is not None and (server.plan.threads, server.plan.batch_threads) == (1, 1)
+            started[slots] = server
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def _ask(url: str, n: int, max_tokens: int = 48) -> dict[str, Any]:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Write a short story about the number {n}."}],
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "seed": 1,
+    }
+    started = time.monotonic()
+    answer = httpx.post(f"{url}/chat/completions", json=body, timeout=300).json()
+    answer["_span"] = (started, time.monotonic())
+    return answer
+
+
+async def _load(url: str) -> ServerLoad | None:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        return await server_load(client, url)
+
+
+def test_llama_server_build_is_portable_unless_built_native() -> None:
+    _require_build()
+    build, _ = find_llama_build()
+    assert build is not None and build.batched_bench is not None, "scripts/install builds llama-batched-bench too"
+    features = srv.llama_build_features(build.system_info)
+    assert features, f"no system info recorded for {build.server}"
+    if build.kind.startswith(("native", "custom")) or _installed_kind() in ("native", "custom"):
+        assert not srv.unsupported_features(features)
+        return
+    beyond = [f for f in features if f in crash._CPU_FLAGS and f not in PORTABLE]
+    assert not beyond, f"the portable llama-server was compiled with {beyond}: SIGILL on older CPUs"
+    result = subprocess.run([str(build.server), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, srv.describe_exit(result.returncode)
+
+
+def test_parallel_requests_overlap_at_the_server(servers: dict[int, srv.ModelServer]) -> None:
+    server = servers[4]
+    assert server.url is not None and server.plan is not None and server.plan.slots == 4
+    assert server.build_features, "the build features recorded at install time reach the log"
+    props = httpx.get(server.url.removesuffix("/v1") + "/props", timeout=30).json()
+    assert props["total_slots"] == 4
+    seen: list[ServerLoad | None] = []
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(_ask, server.url, n, 96) for n in range(4)]
+        while not all(f.done() for f in futures):
+            seen.append(asyncio.run(_load(server.url)))
+            time.sleep(0.05)
+        answers = [f.result() for f in futures]
+    # all four were in a slot at once (the server says so), and their times overlap
+    assert max(load.running for load in seen if load is not None) == 4, seen
+    spans = [a["_span"] for a in answers]
+    assert max(start for start, _ in spans) < min(end for _, end in spans)
+    for answer in answers:
+        assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["message"]["content"]
+        assert answer["timings"]["predicted_n"] == answer["usage"]["completion_tokens"]  # per-response timings
+
+
+def test_a_saturated_server_reports_its_queue(servers: dict[int, srv.ModelServer]) -> None:
+    url = servers[1].url
+    assert url is not None
+    seen: list[ServerLoad | None] = []
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(_ask, url, n, 64) for n in range(3)]
+        while not all(f.done() for f in futures):
+            seen.append(asyncio.run(_load(url)))
+            time.sleep(0.05)
+    loads = [load for load in seen if load is not None]
+    assert loads, "llama-server answered no /metrics"
+    assert max(load.running for load in loads) == 1
+    assert max(load.waiting for load in loads) >= 1, loads  # requests_deferred: waiting for the one slot
+
+
+def test_least_loaded_gives_the_slower_real_server_fewer_prompts(servers: dict[int, srv.ModelServer], tmp_path: Path) -> None:
+    """Two real llama-servers through the CLI: 8 slots and 1 slot, one thread each, 8 client slots each.
+
+    The 1-slot server answers one request at a time; the 8-slot one decodes 8 together, about
+    2.5x the requests per second on one thread here. least_loaded reads both /metrics
+    (requests_processing, requests_deferred) and the per-response timings: a free server slot
+    is used, a request that would queue goes where it would be answered soonest. The 1-slot
+    server gets clearly fewer prompts, though the client could keep 8 in its queue.
+    """
+    fast, slow = servers[8].url, servers[1].url
+    assert fast and slow
+    n = 48
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (json.dumps({"id": f"p{i}", "prompt": f"Name one use of the number {i}."}) for i in range(n))
+    prompts.write_text("".join(line + "\n" for line in lines))
+    config = tmp_path / "agents.yaml"
+    agent = {"system_prompt": "Be brief.", "model": MODEL, "params": {"temperature": 0.0, "max_tokens": 32}}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                # the slow one first: a tie-break or start-up bias towards the first agent would show
+                "agents": [{"name": "slow", "endpoint": slow, **agent}, {"name": "fast", "endpoint": fast, **agent}],
+                "routing": "least_loaded",
+                "limits": {"concurrency": 8, "timeout_s": 300},
+                "server": {"kind": "none"},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    result = run_cli("run", str(prompts), "--config", str(config), "--out", str(out), "--no-parsl", "--quiet", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == n and all(r["status"] == "ok" for r in rows)
+    per_agent = {name: sum(r["agent"] == name for r in rows) for name in ("slow", "fast")}
+    # an even split is 24 each (round_robin's); clearly fewer: at most half the fast one's
+    assert per_agent["slow"] <= n // 3 and per_agent["fast"] >= 2 * per_agent["slow"], per_agent
+    # the servers' timings reach the results
+    assert all(r["server_generation_s"] is not None and r["server_queue_s"] is not None for r in rows)
