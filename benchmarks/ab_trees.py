@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""A/B: parsl-chat with the first K proposals against the first K+1, side by side.
+"""A/B: two trees of parsl-chat side by side: proposals applied, or two git revisions.
 
-    python benchmarks/ab_trees.py --base 2 --with 3 --repeats 2
+    python benchmarks/ab_trees.py --base 2 --with 3 --repeats 2      # proposals 1..2 vs 1..3
+    python benchmarks/ab_trees.py --rev-a 72b4495 --rev-b HEAD        # two commits (a redesign's before/after)
 
-Builds two patched copies of parsl_chat/ (proposals 1..base and 1..with, in file
-name order), then runs the fan-out case (5,000 prompts, 100 ms, C = 12, Parsl)
-and the slow-agent routing case (least_loaded) with each, interleaved. Writes
-``<results>/ab-<base>-vs-<with>.json`` and ``.md``.
+Builds two copies of parsl_chat/ (patched with proposals 1..base and 1..with, in
+file name order, or checked out at two revisions with ``git archive``), then runs
+the fan-out case (5,000 prompts, 100 ms, C = 12, Parsl) and the slow-agent
+routing case (least_loaded) with each, interleaved. Writes
+``<results>/ab-<a>-vs-<b>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -54,17 +56,36 @@ def _tree(work: Path, count: int) -> Path:
     return tree
 
 
+def _rev_tree(work: Path, rev: str) -> Path:
+    """parsl_chat/ and configs/ as they were at git revision ``rev``."""
+    tree = work / f"rev-{rev}"
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "parsl_chat", "configs"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=int, default=2)
     p.add_argument("--with", dest="with_", type=int, default=3)
+    p.add_argument("--rev-a", help="a git revision: compare two commits instead of proposals")
+    p.add_argument("--rev-b", help="the other git revision (with --rev-a)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="parsl-chat-ab-"))
     ctx = Context(quick=False, results_dir=args.results, work_dir=work, repeats=args.repeats)
-    trees = {f"proposals 1..{args.base}": _tree(work, args.base), f"proposals 1..{args.with_}": _tree(work, args.with_)}
+    if args.rev_a or args.rev_b:
+        if not (args.rev_a and args.rev_b):
+            p.error("--rev-a and --rev-b go together")
+        trees = {f"rev {args.rev_a}": _rev_tree(work, args.rev_a), f"rev {args.rev_b}": _rev_tree(work, args.rev_b)}
+        name = f"ab-{args.rev_a}-vs-{args.rev_b}"
+    else:
+        trees = {f"proposals 1..{args.base}": _tree(work, args.base), f"proposals 1..{args.with_}": _tree(work, args.with_)}
+        name = f"ab-{args.base}-vs-{args.with_}"
     prompts = write_prompts(work / "prompts.jsonl", args.n)
     routing_prompts = write_prompts(work / "routing.jsonl", 900)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {"fanout": {}, "routing": {}}
@@ -104,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     md = [
-        f"## A/B: proposals 1..{args.base} vs 1..{args.with_}",
+        f"## A/B: {' vs '.join(trees)}",
         "",
         f"Fan-out: {args.n} prompts, 100 ms, C = 12, Parsl (ideal {ideal_makespan(args.n, 12, 0.1):.1f} s). "
         "Routing: 900 prompts, least_loaded, agents at 100/100/500 ms, 4 in flight each (speed-proportional "
@@ -123,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         ),
     ]
-    write_result(ctx, f"ab-{args.base}-vs-{args.with_}", {"runs": runs, "n": args.n}, "\n".join(md))
+    write_result(ctx, name, {"runs": runs, "n": args.n}, "\n".join(md))
     with contextlib.suppress(OSError):
         shutil.rmtree(work)
     return 0
