@@ -440,7 +440,7 @@ def test_summarize_run_agrees_with_many_groups_and_wide_counts(tmp_path: Path) -
 def test_union_by_group_matches_busy_union_per_group() -> None:
     import numpy as np
 
-    from parsl_chat.report.intervals import _union_by_group
+    from parsl_chat.report.intervals import union_by_group
 
     rng = np.random.default_rng(3)
     n = 400
@@ -452,7 +452,7 @@ def test_union_by_group_matches_busy_union_per_group() -> None:
     stamps = pd.Timestamp("2026-01-01", tz="UTC")
     started = stamps + pd.to_timedelta(pd.Series(start), unit="s")
     finished = stamps + pd.to_timedelta(pd.Series(end), unit="s")
-    union = _union_by_group(keys, started, finished)
+    union = union_by_group(keys, started, finished)
     epoch_start = (started - stamps).dt.total_seconds().to_numpy()
     epoch_end = (finished - stamps).dt.total_seconds().to_numpy()
     for name in ("a", "b", "c", "unknown"):

@@ -27,7 +27,7 @@ from parsl_chat.report import (
     write_comparison_html,
     write_html,
 )
-from parsl_chat.report.figures import _context
+from parsl_chat.report.figures import plot_context
 from parsl_chat.report.plots import RUN_PLOTS
 from parsl_chat.report.timeline import inflight_series
 
@@ -140,7 +140,7 @@ def test_render_comparison(tmp_path: Path) -> None:
 
 def test_every_plot_has_title_and_labelled_axes(slurm_run: Path) -> None:
     df = load_run(slurm_run)
-    ctx = _context(df, summarize(df))
+    ctx = plot_context(df, summarize(df))
     for name, plot in RUN_PLOTS.items():
         fig = plot(ctx)
         for ax in fig.axes:

@@ -415,9 +415,9 @@ def test_a_run_ending_before_the_warm_start_hand_over_stops_parsl_at_once(sim_se
 def test_the_end_of_run_imports_start_once_the_driver_is_idle() -> None:
     import time
 
-    from parsl_chat.run.finish import _Preload
+    from parsl_chat.run.finish import Preload
 
-    preload = _Preload(("json",))
+    preload = Preload(("json",))
     preload.start_if_idle()  # the first turn only starts measuring
     assert preload._thread is None
     time.sleep(preload.WINDOW_S + 0.1)  # an idle driver: requests wait on the endpoint or on Parsl's workers

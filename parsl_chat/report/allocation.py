@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .intervals import _union_by_group
-from .rows import _place, _run
-from .values import _iso, _parse_time, _ratio
+from .intervals import union_by_group
+from .rows import place_labels, run_meta
+from .values import iso_text, parse_time, safe_ratio
 
-__all__ = []
+__all__ = ["allocation_summary"]
 
 
 def _block_rows(df: pd.DataFrame, block: Mapping[str, Any]) -> pd.Series:
@@ -24,8 +24,8 @@ def _block_rows(df: pd.DataFrame, block: Mapping[str, Any]) -> pd.Series:
         rows = (df["block"] == str(name)).fillna(False)
     else:
         nodes = [str(n) for n in block.get("nodes") or []]
-        rows = df["block"].isna() & _place(df).isin(nodes)
-    began, ended = _parse_time(block.get("submitted_at")), _parse_time(block.get("ended_at"))
+        rows = df["block"].isna() & place_labels(df).isin(nodes)
+    began, ended = parse_time(block.get("submitted_at")), parse_time(block.get("ended_at"))
     started = pd.to_datetime(df["started_at"], utc=True)
     if began is not None:
         rows &= (started >= began).fillna(False)
@@ -34,7 +34,7 @@ def _block_rows(df: pd.DataFrame, block: Mapping[str, Any]) -> pd.Series:
     return rows
 
 
-def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | None:
+def allocation_summary(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | None:
     """Scheduler allocation use, when ``run.json`` lists blocks with a job id or nodes.
 
     Per block: ``start`` = block ``started_at`` if run.json has it, else the
@@ -48,12 +48,12 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
     = allocated - busy (not below 0). Totals: ``node_s_allocated``,
     ``node_s_busy``, ``node_s_idle``, ``busy_fraction`` = busy / allocated.
     """
-    run = _run(df)
+    run = run_meta(df)
     blocks = [b for b in run.get("blocks") or [] if isinstance(b, dict) and (b.get("job_id") or b.get("nodes"))]
     if not blocks:
         return None
-    run_end = _parse_time(wall.get("end"))
-    place = _place(df)
+    run_end = parse_time(wall.get("end"))
+    place = place_labels(df)
     node_alloc: dict[str, float] = {}
     out_blocks = []
     block_rows = [_block_rows(df, block) for block in blocks]
@@ -64,7 +64,7 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
             node_alloc[node] = node_alloc.get(node, 0.0) + (entry["duration_s"] or 0.0)
     on_blocks = np.logical_or.reduce([rows.to_numpy(dtype=bool) for rows in block_rows])
     # busy: only the requests that ran on the blocks counted as allocated (not a warm start's driver)
-    union = _union_by_group(place[on_blocks], df["started_at"][on_blocks], df["finished_at"][on_blocks])
+    union = union_by_group(place[on_blocks], df["started_at"][on_blocks], df["finished_at"][on_blocks])
     per_node: list[dict[str, Any]] = []
     for node, allocated in node_alloc.items():
         busy = union.get(node, 0.0)
@@ -81,7 +81,7 @@ def _allocation(df: pd.DataFrame, wall: Mapping[str, Any]) -> dict[str, Any] | N
         "node_s_allocated": allocated_total,
         "node_s_busy": busy_total,
         "node_s_idle": float(sum(n["idle_s"] for n in per_node)),
-        "busy_fraction": _ratio(busy_total, allocated_total),
+        "busy_fraction": safe_ratio(busy_total, allocated_total),
     }
 
 
@@ -89,17 +89,17 @@ def _block_entry(
     df: pd.DataFrame, block: Mapping[str, Any], rows: pd.Series, place: pd.Series, run_end: pd.Timestamp | None
 ) -> tuple[dict[str, Any], list[str]]:
     nodes = [str(n) for n in block.get("nodes") or []] or sorted(set(place[rows]))
-    submitted = _parse_time(block.get("submitted_at"))
+    submitted = parse_time(block.get("submitted_at"))
     first = df.loc[rows, "started_at"].min()
     first_start = None if pd.isna(first) else pd.Timestamp(first)
     last = df.loc[rows, "finished_at"].max()
-    if _parse_time(block.get("started_at")) is not None:
-        start, start_basis = _parse_time(block.get("started_at")), "block started_at"
+    if parse_time(block.get("started_at")) is not None:
+        start, start_basis = parse_time(block.get("started_at")), "block started_at"
     elif first_start is not None:
         start, start_basis = first_start, "first request started_at"
     else:
         start, start_basis = submitted, "block submitted_at"
-    end, end_basis = _parse_time(block.get("ended_at")), "block ended_at"
+    end, end_basis = parse_time(block.get("ended_at")), "block ended_at"
     if end is None:
         end, end_basis = run_end, "run end"
     if end is None and not pd.isna(last):
@@ -112,10 +112,10 @@ def _block_entry(
         "nodes": nodes,
         "cores_per_node": block.get("cores_per_node"),
         "prompts": int(rows.sum()),
-        "submitted_at": _iso(submitted),
-        "start": _iso(start),
+        "submitted_at": iso_text(submitted),
+        "start": iso_text(start),
         "start_basis": start_basis,
-        "end": _iso(end),
+        "end": iso_text(end),
         "end_basis": end_basis,
         "duration_s": duration,
         "queue_wait_s": queue,

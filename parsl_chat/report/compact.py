@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .load import RESULT_COLUMNS, SUMMARY_COLUMNS, _is_normal, normalize
-from .outcomes import _VALID_STRUCTURED, _slowest_candidates
-from .rows import _label
+from .load import RESULT_COLUMNS, SUMMARY_COLUMNS, is_normal, normalize
+from .outcomes import VALID_STRUCTURED, slowest_candidates
+from .rows import label_codes
 
-__all__ = []
+__all__ = ["read_compact"]
 
 
 #: unique strings per row: :func:`summarize_run` reads them only where summarize shows them
@@ -23,7 +23,7 @@ _SPARSE_COLUMNS = ("custom_id", "error")
 _LABEL_COLUMNS = ("agent", "model", "hostname", "node", "worker", "block", "job_id", "status", "error_type")
 
 
-def _read_compact(parquet: Path) -> pd.DataFrame:
+def read_compact(parquet: Path) -> pd.DataFrame:
     """The :data:`SUMMARY_COLUMNS` of ``parquet``; :data:`_LABEL_COLUMNS` as categories.
 
     One column at a time (Parquet is columnar), so Arrow's buffers for a
@@ -60,12 +60,12 @@ def _read_compact(parquet: Path) -> pd.DataFrame:
             pa.default_memory_pool().release_unused()
     # Unique strings, a million of them: read only the rows summarize shows (the slowest, one error per type).
     if "custom_id" in names:
-        _fill_rows(df, file, "custom_id", np.flatnonzero(_slowest_candidates(df["latency_s"]).to_numpy()))
+        _fill_rows(df, file, "custom_id", np.flatnonzero(slowest_candidates(df["latency_s"]).to_numpy()))
     if "error" in names:
         _fill_first_errors(df, file)
     if "parsed" in names:  # which rows hold a valid structured answer: a byte per row, not the JSON text
-        df[_VALID_STRUCTURED] = _valid_mask(file, "parsed")
-    if not _is_normal(df, SUMMARY_COLUMNS):  # e.g. a column written with another type: the general path
+        df[VALID_STRUCTURED] = _valid_mask(file, "parsed")
+    if not is_normal(df, SUMMARY_COLUMNS):  # e.g. a column written with another type: the general path
         df = normalize(df)
     return df
 
@@ -126,7 +126,7 @@ def _fill_first_errors(df: pd.DataFrame, file: Any) -> None:
     failed = (df["status"] != "ok").to_numpy()
     if not failed.any():
         return
-    kinds = _label(df["error_type"], "other").cat.codes.to_numpy()
+    kinds = label_codes(df["error_type"], "other").cat.codes.to_numpy()
     seen: set[int] = set()
     positions: list[int] = []
     for i, (first, count) in enumerate(_row_groups(file)):

@@ -7,13 +7,13 @@ from typing import Any
 
 import pandas as pd
 
-from .rows import _ok, _place, _ran
-from .values import _ratio
+from .rows import ok_mask, place_labels, ran_rows
+from .values import safe_ratio
 
-__all__ = []
+__all__ = ["cost_summary"]
 
 
-def _cost(
+def cost_summary(
     df: pd.DataFrame,
     run: Mapping[str, Any],
     wall_s: float | None,
@@ -46,7 +46,7 @@ def _su_cost(
     if allocation and allocation["node_s_allocated"] > 0:
         node_hours, basis = allocation["node_s_allocated"] / 3600.0, "allocated node-hours"
     else:
-        nodes = max(1, int(_place(_ran(df)).nunique()))
+        nodes = max(1, int(place_labels(ran_rows(df)).nunique()))
         node_hours = (wall_s or 0.0) / 3600.0 * nodes
         basis = f"wall hours x {nodes} node(s) seen"
     su = rate * node_hours
@@ -56,8 +56,8 @@ def _su_cost(
         "node_hours": node_hours,
         "basis": basis,
         "su": su,
-        "su_per_1m_tokens": _ratio(su * 1e6, float(tokens["total"])),
-        "su_per_1k_ok_prompts": _ratio(su * 1e3, float(_ok(df).sum())),
+        "su_per_1m_tokens": safe_ratio(su * 1e6, float(tokens["total"])),
+        "su_per_1k_ok_prompts": safe_ratio(su * 1e3, float(ok_mask(df).sum())),
     }
 
 
@@ -72,6 +72,6 @@ def _usd_cost(df: pd.DataFrame, prices: Mapping[str, Any], tokens: Mapping[str, 
         "usd_per_1m_completion_tokens": c_rate,
         "basis": "token prices",
         "usd": usd,
-        "usd_per_1m_tokens": _ratio(usd * 1e6, float(tokens["total"])),
-        "usd_per_1k_ok_prompts": _ratio(usd * 1e3, float(_ok(df).sum())),
+        "usd_per_1m_tokens": safe_ratio(usd * 1e6, float(tokens["total"])),
+        "usd_per_1k_ok_prompts": safe_ratio(usd * 1e3, float(ok_mask(df).sum())),
     }

@@ -17,7 +17,22 @@ from matplotlib.figure import Figure
 
 from .intervals import seconds_since
 
-__all__ = ["DPI", "FAIL", "IDLE", "OK", "PALETTE"]
+__all__ = [
+    "DPI",
+    "FAIL",
+    "IDLE",
+    "OK",
+    "PALETTE",
+    "PlotContext",
+    "cdf",
+    "img_html",
+    "new_figure",
+    "ok_latency",
+    "placeholder",
+    "plot_context",
+    "time_end",
+    "time_unit",
+]
 
 
 #: pixels per inch of every PNG: the figure sizes below are in inches
@@ -31,7 +46,7 @@ IDLE = "#d9d9d9"
 
 
 @dataclass
-class _Ctx:
+class PlotContext:
     """What every run plot needs: the rows, the summary, the time origin and unit, the agent colours."""
 
     df: pd.DataFrame
@@ -52,7 +67,7 @@ class _Ctx:
         return f"time since run start ({self.unit})"
 
 
-def _time_unit(span_s: float) -> tuple[float, str]:
+def time_unit(span_s: float) -> tuple[float, str]:
     if span_s <= 600:
         return 1.0, "s"
     if span_s <= 4 * 3600:
@@ -60,7 +75,7 @@ def _time_unit(span_s: float) -> tuple[float, str]:
     return 3600.0, "h"
 
 
-def _context(df: pd.DataFrame, summary: Mapping[str, Any]) -> _Ctx:
+def plot_context(df: pd.DataFrame, summary: Mapping[str, Any]) -> PlotContext:
     start = summary["wall"]["start"]
     t0 = pd.Timestamp(start) if start else None
     if t0 is None and df["started_at"].notna().any():
@@ -68,13 +83,13 @@ def _context(df: pd.DataFrame, summary: Mapping[str, Any]) -> _Ctx:
     span = summary["wall_s"] or 0.0
     if t0 is not None and df["finished_at"].notna().any():
         span = max(span, (pd.Timestamp(df["finished_at"].max()) - t0).total_seconds())
-    unit_s, unit = _time_unit(span)
+    unit_s, unit = time_unit(span)
     names = [a["agent"] for a in summary["agents"]]
     colours = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
-    return _Ctx(df=df, summary=summary, t0=t0, unit_s=unit_s, unit=unit, colours=colours)
+    return PlotContext(df=df, summary=summary, t0=t0, unit_s=unit_s, unit=unit, colours=colours)
 
 
-def _time_end(ctx: _Ctx) -> float:
+def time_end(ctx: PlotContext) -> float:
     wall = ctx.summary["wall_s"] or 0.0
     finished = ctx.rel("finished_at")
     last = float(np.nanmax(finished)) if np.isfinite(finished).any() else 0.0
@@ -82,7 +97,7 @@ def _time_end(ctx: _Ctx) -> float:
 
 
 @contextmanager
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any) -> Iterator[tuple[Figure, list[Axes]]]:
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any) -> Iterator[tuple[Figure, list[Axes]]]:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, **kw)
     flat: list[Axes] = [ax for row in axes for ax in row]
@@ -101,23 +116,23 @@ def _png(fig: Figure) -> tuple[str, int, int]:
     return base64.b64encode(buf.getvalue()).decode("ascii"), width, height
 
 
-def _placeholder(title: str, message: str, width: float = 6.2) -> Figure:
+def placeholder(title: str, message: str, width: float = 6.2) -> Figure:
     """A short titled figure saying why there is nothing to plot (keeps every ``data-plot`` present)."""
-    with _figure(width, 1.4) as (fig, (ax,)):
+    with new_figure(width, 1.4) as (fig, (ax,)):
         ax.set_title(title, loc="left", fontweight="bold")
         ax.text(0.5, 0.4, message, ha="center", va="center", fontsize=12, color="#666666", transform=ax.transAxes)
         ax.set_axis_off()
     return fig
 
 
-def _img(name: str, fig: Figure, alt: str) -> str:
+def img_html(name: str, fig: Figure, alt: str) -> str:
     data, width, height = _png(fig)
     return (
         f'<img data-plot="{name}" alt="{html.escape(alt)}" width="{width}" height="{height}" src="data:image/png;base64,{data}">'
     )
 
 
-def _cdf(ax: Axes, values: np.ndarray, label: str, colour: str, *, width: float, points: int = 2000) -> None:
+def cdf(ax: Axes, values: np.ndarray, label: str, colour: str, *, width: float, points: int = 2000) -> None:
     """Empirical CDF; above ``points`` values it is drawn through ``points`` evenly spaced quantiles."""
     if values.size > points:
         y = np.linspace(0.0, 1.0, points)
@@ -129,5 +144,5 @@ def _cdf(ax: Axes, values: np.ndarray, label: str, colour: str, *, width: float,
     ax.step(np.concatenate([[x[0]], x]), np.concatenate([[0.0], y]), where="post", color=colour, linewidth=width, label=label)
 
 
-def _ok_latency(df: pd.DataFrame) -> np.ndarray:
+def ok_latency(df: pd.DataFrame) -> np.ndarray:
     return df.loc[df["status"] == "ok", "latency_s"].dropna().to_numpy(dtype=float)

@@ -15,11 +15,18 @@ __all__ = [
     "DASH",
     "MAX_TERMINAL_ROWS",
     "UNFINISHED_DETAIL",
+    "cache_brief",
+    "comparison_cells",
+    "error_brief",
     "fmt_int",
     "fmt_num",
     "fmt_pct",
     "fmt_s",
+    "natural_key",
     "now_utc",
+    "share_of",
+    "short_list",
+    "when_text",
 ]
 
 
@@ -67,15 +74,15 @@ def fmt_pct(value: float | None) -> str:
     return DASH if value is None or not math.isfinite(value) else f"{value * 100:.1f}%"
 
 
-def _natural_key(text: str) -> list[Any]:
+def natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _share(part: float | None, whole: float | None) -> float | None:
+def share_of(part: float | None, whole: float | None) -> float | None:
     return None if part is None or not whole else part / whole
 
 
-def _short_list(items: Sequence[str], limit: int = 6) -> str:
+def short_list(items: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" ... (+{len(items) - limit})" if len(items) > limit else "")
 
@@ -92,11 +99,11 @@ def _times(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}x"
 
 
-def _error_brief(counts: Mapping[str, Any]) -> str:
+def error_brief(counts: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(counts["errors_by_type"].items(), key=lambda kv: -kv[1]))
 
 
-def _cache_brief(cache: Mapping[str, Any]) -> str:
+def cache_brief(cache: Mapping[str, Any]) -> str:
     """Misses, hit rate and what the hits saved (their tokens are not in 'tokens')."""
     saved = cache["tokens_saved"]
     return (
@@ -105,7 +112,7 @@ def _cache_brief(cache: Mapping[str, Any]) -> str:
     )
 
 
-def _when(iso: str | None, *, clock: bool = False) -> str:
+def when_text(iso: str | None, *, clock: bool = False) -> str:
     """An ISO timestamp as ``2024-05-01 12:00:41 UTC`` (whole seconds), or ``12:00:41`` with ``clock``."""
     if not iso:
         return "?"
@@ -136,7 +143,7 @@ COMPARISON_HEADERS = (
 )
 
 
-def _comparison_cells(
+def comparison_cells(
     r: Mapping[Any, Any], failed: Callable[[int], str] = fmt_int, efficiency: Callable[[float | None], str] = fmt_pct
 ) -> list[str]:
     """One run's row of :data:`COMPARISON_HEADERS`; the terminal passes colouring formatters."""

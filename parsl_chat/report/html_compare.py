@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .figures import PALETTE, _cdf, _figure, _img, _ok_latency, _placeholder
-from .format import COMPARISON_HEADERS, DASH, _comparison_cells, now_utc
-from .html_page import _caption, _e, _html_table, _page, _write
+from .figures import PALETTE, cdf, img_html, new_figure, ok_latency, placeholder
+from .format import COMPARISON_HEADERS, DASH, comparison_cells, now_utc
+from .html_page import caption_html, escape, html_table, page_html, write_page
 
 __all__ = ["COMPARISON_PLOT_NAMES", "write_comparison_html"]
 
@@ -23,10 +23,10 @@ COMPARISON_PLOT_NAMES = ("speedup", "efficiency", "throughput", "latency_cdf")
 def _plot_scaling(table: pd.DataFrame, column: str, ideal: str | None, title: str, ylabel: str) -> Figure:
     """``column`` against the scaled resource; ``ideal`` ``"linear"`` draws baseline x resources ratio, ``"one"`` 100%."""
     resource = str(table["resource"].iloc[0]) if len(table) else "resources"
-    with _figure(6.2, 3.8) as (fig, (ax,)):
+    with new_figure(6.2, 3.8) as (fig, (ax,)):
         data = table[["run_id", "resources", column]].dropna()
         if data.empty:
-            return _placeholder(title, "not enough data (wall time or resources unknown)")
+            return placeholder(title, "not enough data (wall time or resources unknown)")
         order = data.sort_values("resources", kind="stable")
         x = order["resources"].to_numpy(dtype=float)
         y = order[column].to_numpy(dtype=float)
@@ -53,15 +53,15 @@ def _plot_scaling(table: pd.DataFrame, column: str, ideal: str | None, title: st
 
 def _plot_compare_cdf(table: pd.DataFrame, dfs: Sequence[pd.DataFrame]) -> Figure:
     title = "Latency CDF per run (successful requests)"
-    with _figure(6.2, 3.8) as (fig, (ax,)):
+    with new_figure(6.2, 3.8) as (fig, (ax,)):
         drawn = False
         for i, (run_id, df) in enumerate(zip(table["run_id"], dfs, strict=False)):
-            values = _ok_latency(df)
+            values = ok_latency(df)
             if values.size:
-                _cdf(ax, values, str(run_id), PALETTE[i % len(PALETTE)], width=1.5)
+                cdf(ax, values, str(run_id), PALETTE[i % len(PALETTE)], width=1.5)
                 drawn = True
         if not drawn:
-            return _placeholder(title, "no successful prompts in any run")
+            return placeholder(title, "no successful prompts in any run")
         ax.set_ylim(0, 1.02)
         ax.set_title(title, loc="left", fontweight="bold")
         ax.set_xlabel("latency (s)")
@@ -96,18 +96,18 @@ def write_comparison_html(table: pd.DataFrame, dfs: Sequence[pd.DataFrame], path
         ),
         ("latency_cdf", _plot_compare_cdf(table, dfs), "latency CDF of each run"),
     ]
-    rows = [_comparison_cells(r) for r in table.to_dict("records")]
+    rows = [comparison_cells(r) for r in table.to_dict("records")]
     headers = list(COMPARISON_HEADERS)
     base = str(table["run_id"].iloc[0]) if len(table) else DASH
     body = [
         f"<h1>parsl-chat scaling comparison: {len(table)} runs</h1>",
-        f'<p class="sub">baseline {_e(base)} · resource scaled: {_e(resource.replace("_", " "))}</p>',
-        _html_table(headers, rows, left=(0, 1)),
-        _caption(
+        f'<p class="sub">baseline {escape(base)} · resource scaled: {escape(resource.replace("_", " "))}</p>',
+        html_table(headers, rows, left=(0, 1)),
+        caption_html(
             f"speedup = ok/s ÷ baseline ok/s; ideal = {resource} ÷ baseline {resource}; scaling efficiency = speedup ÷ ideal; "
             "parallel efficiency = busy agent-seconds ÷ (agent slots × wall) within each run."
         ),
-        '<div class="grid2">' + "".join(f"<figure>{_img(name, fig, alt)}</figure>" for name, fig, alt in plots) + "</div>",
+        '<div class="grid2">' + "".join(f"<figure>{img_html(name, fig, alt)}</figure>" for name, fig, alt in plots) + "</div>",
         f"<footer>report generated {now_utc()}</footer>",
     ]
-    return _write(Path(path), _page("parsl-chat scaling comparison", "".join(body)))
+    return write_page(Path(path), page_html("parsl-chat scaling comparison", "".join(body)))

@@ -11,7 +11,7 @@ from .._files import atomic_write
 from ..errors import OutputError
 from .format import DASH
 
-__all__ = ["CSS", "LOADED_SCRIPT"]
+__all__ = ["CSS", "LOADED_SCRIPT", "caption_html", "card_html", "escape", "html_table", "page_html", "tone_class", "write_page"]
 
 
 CSS = """
@@ -67,51 +67,51 @@ LOADED_SCRIPT = """
 """
 
 
-def _e(value: Any) -> str:
+def escape(value: Any) -> str:
     return html.escape(DASH if value is None else str(value))
 
 
-def _card(key: str, value: str, detail: str = "", tone: str = "") -> str:
+def card_html(key: str, value: str, detail: str = "", tone: str = "") -> str:
     return (
-        f'<div class="card"><div class="k">{_e(key)}</div><div class="v {tone}">{_e(value)}</div>'
-        f'<div class="d">{_e(detail)}</div></div>'
+        f'<div class="card"><div class="k">{escape(key)}</div><div class="v {tone}">{escape(value)}</div>'
+        f'<div class="d">{escape(detail)}</div></div>'
     )
 
 
-def _tone(value: float | None) -> str:
+def tone_class(value: float | None) -> str:
     if value is None:
         return ""
     return "good" if value >= 0.8 else "warn" if value >= 0.5 else "bad"
 
 
-def _html_table(
+def html_table(
     headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: Sequence[int] = (0,), wrap: Sequence[int] = ()
 ) -> str:
-    head = "".join(f'<th class="{"l" if i in left or i in wrap else ""}">{_e(h)}</th>' for i, h in enumerate(headers))
+    head = "".join(f'<th class="{"l" if i in left or i in wrap else ""}">{escape(h)}</th>' for i, h in enumerate(headers))
     body = []
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
             cls = "wrap" if i in wrap else "l" if i in left else ""
-            cells.append(f'<td class="{cls}">{_e(cell)}</td>')
+            cells.append(f'<td class="{cls}">{escape(cell)}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
-def _caption(text: str) -> str:
-    return f'<p class="caption">{_e(text)}</p>'
+def caption_html(text: str) -> str:
+    return f'<p class="caption">{escape(text)}</p>'
 
 
-def _page(title: str, body: str) -> str:
+def page_html(title: str, body: str) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head>"
+        f"<title>{escape(title)}</title><style>{CSS}</style></head>"
         f"<body><main>{body}</main><script>{LOADED_SCRIPT}</script></body></html>\n"
     )
 
 
-def _write(path: Path, text: str) -> Path:
+def write_page(path: Path, text: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, text)

@@ -17,24 +17,24 @@ from typing import Any
 
 import pandas as pd
 
-from .figures import _context, _Ctx, _img
+from .figures import PlotContext, img_html, plot_context
 from .format import (
     DASH,
     MAX_TERMINAL_ROWS,
     UNFINISHED_DETAIL,
-    _cache_brief,
-    _error_brief,
-    _natural_key,
-    _share,
-    _short_list,
-    _when,
+    cache_brief,
+    error_brief,
     fmt_int,
     fmt_num,
     fmt_pct,
     fmt_s,
+    natural_key,
     now_utc,
+    share_of,
+    short_list,
+    when_text,
 )
-from .html_page import _caption, _card, _e, _html_table, _page, _tone, _write
+from .html_page import caption_html, card_html, escape, html_table, page_html, tone_class, write_page
 from .plots import ALT, RUN_PLOTS
 from .redaction import redact, redact_text
 
@@ -68,30 +68,30 @@ def _cards(summary: Mapping[str, Any]) -> str:
     prompts = counts["prompts"]
     ok_share = counts["ok"] / prompts if prompts else None
     cards = [
-        _card("prompts", fmt_int(prompts), f"{counts['retried']:,} retried"),
-        _card("succeeded", fmt_int(counts["ok"]), fmt_pct(ok_share), "good" if counts["error"] == 0 and prompts else ""),
-        _card("failed", fmt_int(counts["error"]), _error_brief(counts) or "none", "bad" if counts["error"] else ""),
-        *([_card("unfinished", fmt_int(counts["unfinished"]), UNFINISHED_DETAIL)] if counts.get("unfinished") else []),
-        _card("wall time", fmt_s(summary["wall_s"]), summary["wall"]["basis"].replace(" -> ", " → ")),
-        _card("prompts / s", fmt_num(rates["prompts_per_s"]), f"ok/s {fmt_num(rates['ok_per_s'])}"),
-        _card(
+        card_html("prompts", fmt_int(prompts), f"{counts['retried']:,} retried"),
+        card_html("succeeded", fmt_int(counts["ok"]), fmt_pct(ok_share), "good" if counts["error"] == 0 and prompts else ""),
+        card_html("failed", fmt_int(counts["error"]), error_brief(counts) or "none", "bad" if counts["error"] else ""),
+        *([card_html("unfinished", fmt_int(counts["unfinished"]), UNFINISHED_DETAIL)] if counts.get("unfinished") else []),
+        card_html("wall time", fmt_s(summary["wall_s"]), summary["wall"]["basis"].replace(" -> ", " → ")),
+        card_html("prompts / s", fmt_num(rates["prompts_per_s"]), f"ok/s {fmt_num(rates['ok_per_s'])}"),
+        card_html(
             "tokens / s",
             fmt_num(rates["completion_tokens_per_s"]),
             f"completion; {fmt_num(rates['total_tokens_per_s'])} incl. prompt",
         ),
-        _card(
+        card_html(
             "latency p50", fmt_s(lat["p50"]) if lat else DASH, f"mean {fmt_s(lat['mean'])}" if lat else "no successful prompts"
         ),
-        _card(
+        card_html(
             "latency p95",
             fmt_s(lat["p95"]) if lat else DASH,
             f"p99 {fmt_s(lat['p99'])}, max {fmt_s(lat['max'])}" if lat else "no successful prompts",
         ),
-        _card(
+        card_html(
             "parallel efficiency",
             fmt_pct(summary["parallel_efficiency"]),
             f"busy agent-s ÷ ({summary.get('agent_slots') or '?'} slots × wall)",
-            _tone(summary["parallel_efficiency"]),
+            tone_class(summary["parallel_efficiency"]),
         ),
     ]
     cards += _resource_cards(summary)
@@ -103,32 +103,32 @@ def _resource_cards(summary: Mapping[str, Any]) -> list[str]:
     cards = []
     cache = summary.get("cache")
     if cache:
-        cards.append(_card("cache hits", fmt_int(cache["hits"]), _cache_brief(cache)))
+        cards.append(card_html("cache hits", fmt_int(cache["hits"]), cache_brief(cache)))
     server = summary.get("server_time")
     if server:
         cards.append(
-            _card(
+            card_html(
                 "server slot wait",
                 fmt_pct(server["queue_share"]),
                 f"of latency queued at the model server; efficiency without it {fmt_pct(server['work_efficiency'])}",
-                _tone(None if server["queue_share"] is None else 1 - server["queue_share"]),
+                tone_class(None if server["queue_share"] is None else 1 - server["queue_share"]),
             )
         )
     alloc = summary["allocation"]
     if alloc:
         cards.append(
-            _card(
+            card_html(
                 "allocation busy",
                 fmt_pct(alloc["busy_fraction"]),
                 f"{fmt_num(alloc['node_s_busy'])} of {fmt_num(alloc['node_s_allocated'])} node-s",
-                _tone(alloc["busy_fraction"]),
+                tone_class(alloc["busy_fraction"]),
             )
         )
     cost = summary["cost"]
     if cost:
         value = fmt_num(cost["su"], "SU") if cost["unit"] == "SU" else f"${cost['usd']:,.4f}"
         per = cost.get("su_per_1m_tokens") if cost["unit"] == "SU" else cost.get("usd_per_1m_tokens")
-        cards.append(_card("cost", value, f"{fmt_num(per)} {cost['unit']} per 1M tokens"))
+        cards.append(card_html("cost", value, f"{fmt_num(per)} {cost['unit']} per 1M tokens"))
     return cards
 
 
@@ -149,7 +149,7 @@ def _latency_html(summary: Mapping[str, Any]) -> str:
                 fmt_int(queue["n"]),
             ]
         )
-    out = _html_table(["", "p50", "p95", "p99", "mean", "max", "n"], rows) if rows else ""
+    out = html_table(["", "p50", "p95", "p99", "mean", "max", "n"], rows) if rows else ""
     if not lat:
         out += '<p class="notes">No successful prompts: latency not available.</p>'
     return out
@@ -173,11 +173,11 @@ def _agents_html(summary: Mapping[str, Any]) -> str:
         for a in summary["agents"]
     ]
     headers = ["agent", "model", "slots", "prompts", "ok", "failed", "busy", "utilisation", "tokens/s", "p50", "p95"]
-    return _html_table(headers, rows, left=(0, 1)) + _caption("utilisation = busy time ÷ (agent slots × wall time)")
+    return html_table(headers, rows, left=(0, 1)) + caption_html("utilisation = busy time ÷ (agent slots × wall time)")
 
 
 def _nodes_html(summary: Mapping[str, Any]) -> str:
-    nodes = sorted(summary["nodes"], key=lambda n: _natural_key(n["node"]))
+    nodes = sorted(summary["nodes"], key=lambda n: natural_key(n["node"]))
     rows = [
         [
             n["node"],
@@ -194,19 +194,19 @@ def _nodes_html(summary: Mapping[str, Any]) -> str:
         for n in nodes
     ]
     headers = ["node", "hostnames", "workers", "prompts", "share", "failed", "busy", "busy share", "active", "tokens/s"]
-    table = _html_table(headers, rows, left=(0, 1))
+    table = html_table(headers, rows, left=(0, 1))
     if len(nodes) > MAX_TERMINAL_ROWS:
         table = f"<details><summary>all {len(nodes)} nodes</summary>{table}</details>"
-    return table + _caption("active = time with at least one request in flight on the node ÷ wall time")
+    return table + caption_html("active = time with at least one request in flight on the node ÷ wall time")
 
 
 def _workers_html(summary: Mapping[str, Any]) -> str:
-    workers = sorted(summary["workers"], key=lambda w: (_natural_key(w["node"]), _natural_key(w["worker"])))
+    workers = sorted(summary["workers"], key=lambda w: (natural_key(w["node"]), natural_key(w["worker"])))
     rows = [
         [w["worker"], w["node"], fmt_int(w["prompts"]), fmt_int(w["error"]), fmt_s(w["busy_s"]), fmt_pct(w["utilisation"])]
         for w in workers
     ]
-    table = _html_table(["worker", "node", "prompts", "failed", "busy", "utilisation"], rows, left=(0, 1))
+    table = html_table(["worker", "node", "prompts", "failed", "busy", "utilisation"], rows, left=(0, 1))
     return f"<details><summary>per-worker table ({len(workers)} workers)</summary>{table}</details>" if workers else ""
 
 
@@ -215,7 +215,7 @@ def _allocation_html(summary: Mapping[str, Any]) -> str:
     if not alloc:
         return ""
     total = alloc["node_s_allocated"]
-    head = _html_table(
+    head = html_table(
         ["", "node-seconds", "node-hours", "share"],
         [
             ["allocated", fmt_num(total), fmt_num(total / 3600), "100%" if total else DASH],
@@ -229,20 +229,20 @@ def _allocation_html(summary: Mapping[str, Any]) -> str:
                 "idle",
                 fmt_num(alloc["node_s_idle"]),
                 fmt_num(alloc["node_s_idle"] / 3600),
-                fmt_pct(_share(alloc["node_s_idle"], total)),
+                fmt_pct(share_of(alloc["node_s_idle"], total)),
             ],
         ],
     )
-    blocks = _html_table(
+    blocks = html_table(
         ["block", "job id", "nodes", "submitted", "start", "end", "queue wait", "duration", "node-s", "prompts"],
         [
             [
                 b["block"],
                 b["job_id"],
-                _short_list(b["nodes"]),
-                _when(b["submitted_at"], clock=True),
-                _when(b["start"], clock=True),
-                _when(b["end"], clock=True),
+                short_list(b["nodes"]),
+                when_text(b["submitted_at"], clock=True),
+                when_text(b["start"], clock=True),
+                when_text(b["end"], clock=True),
                 fmt_s(b["queue_wait_s"]),
                 fmt_s(b["duration_s"]),
                 fmt_num(b["allocated_node_s"]),
@@ -254,7 +254,7 @@ def _allocation_html(summary: Mapping[str, Any]) -> str:
     )
     starts = sorted({b["start_basis"] for b in alloc["blocks"]})
     ends = sorted({b["end_basis"] for b in alloc["blocks"]})
-    caption = _caption(
+    caption = caption_html(
         f"jobs: {', '.join(alloc['job_ids']) or DASH}. Times UTC; start = {' / '.join(starts)}, end = {' / '.join(ends)}. "
         "Queue wait = first request started on the block − block submitted."
     )
@@ -265,7 +265,7 @@ def _errors_html(summary: Mapping[str, Any]) -> str:
     errors = summary["errors"]
     if not errors:
         return "<p>No failed prompts.</p>" if summary["counts"]["prompts"] else ""
-    return _html_table(
+    return html_table(
         ["error type", "count", "example message"],
         [[e["error_type"], fmt_int(e["count"]), e["example"]] for e in errors],
         wrap=(2,),
@@ -276,7 +276,7 @@ def _structured_html(summary: Mapping[str, Any]) -> str:
     rows = summary.get("structured")
     if not rows:
         return ""
-    table = _html_table(
+    table = html_table(
         ["agent", "model", "answers", "valid", "invalid_output", "invalid rate"],
         [
             [r["agent"], r["model"], fmt_int(r["answers"]), fmt_int(r["valid"]), fmt_int(r["invalid_output"]),
@@ -285,7 +285,7 @@ def _structured_html(summary: Mapping[str, Any]) -> str:
         ],
         left=(0, 1),
     )  # fmt: skip
-    caption = _caption("invalid_output: every answer, asked again up to limits.max_invalid_retries times, failed its schema")
+    caption = caption_html("invalid_output: every answer, asked again up to limits.max_invalid_retries times, failed its schema")
     return "<h2>Structured output</h2>" + table + caption
 
 
@@ -295,7 +295,7 @@ def _slowest_html(summary: Mapping[str, Any]) -> str:
         for s in summary["slowest"]
     ]
     return (
-        _html_table(["custom_id", "agent", "node", "status", "attempts", "latency"], rows, left=(0, 1, 2, 3))
+        html_table(["custom_id", "agent", "node", "status", "attempts", "latency"], rows, left=(0, 1, 2, 3))
         if rows
         else "<p>No request ran.</p>"
     )
@@ -323,7 +323,7 @@ def _cost_html(summary: Mapping[str, Any]) -> str:
             f"${cost['usd_per_1m_prompt_tokens']} per 1M prompt tokens"
             f" + ${cost['usd_per_1m_completion_tokens']} per 1M completion tokens"
         )
-    return "<h2>Cost</h2>" + _html_table(["", "value"], rows) + _caption(note)
+    return "<h2>Cost</h2>" + html_table(["", "value"], rows) + caption_html(note)
 
 
 def _config_html(df: pd.DataFrame) -> str:
@@ -341,7 +341,7 @@ def _config_html(df: pd.DataFrame) -> str:
 
 
 def _definitions_html() -> str:
-    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in DEFINITIONS)
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in DEFINITIONS)
     return f'<details><summary>How these numbers are defined</summary><dl class="defs">{items}</dl></details>'
 
 
@@ -353,12 +353,13 @@ def _header(summary: Mapping[str, Any]) -> str:
         f"{fmt_int(run.get('workers'))} workers" if run.get("workers") else None,
         f"{summary.get('agent_slots')} agent slots" if summary.get("agent_slots") else None,
         f"routing {run.get('routing')}" if run.get("routing") else None,
-        f"{_when(summary['wall']['start'])} → {_when(summary['wall']['end'])}",
+        f"{when_text(summary['wall']['start'])} → {when_text(summary['wall']['end'])}",
         f"rows from {run.get('source')}",
     ]
     out = (
-        f'<h1>parsl-chat run report: {_e(run.get("run_id") or "run")} <span class="badge {_e(status)}">{_e(status)}</span></h1>'
-        f'<p class="sub">{_e(" · ".join(m for m in meta if m))}</p>'
+        f"<h1>parsl-chat run report: {escape(run.get('run_id') or 'run')} "
+        f'<span class="badge {escape(status)}">{escape(status)}</span></h1>'
+        f'<p class="sub">{escape(" · ".join(m for m in meta if m))}</p>'
     )
     notes = list(run.get("notes") or [])
     if summary["counts"]["prompts"] == 0:
@@ -366,12 +367,12 @@ def _header(summary: Mapping[str, Any]) -> str:
     elif summary["latency_s"] is None:
         notes.append("No successful prompts: latency not available.")
     if notes:
-        out += '<div class="notes">' + "".join(f"<p>⚠ {_e(n)}</p>" for n in notes) + "</div>"
+        out += '<div class="notes">' + "".join(f"<p>⚠ {escape(n)}</p>" for n in notes) + "</div>"
     return out
 
 
-def _figure_html(name: str, ctx: _Ctx) -> str:
-    return f"<figure>{_img(name, RUN_PLOTS[name](ctx), ALT[name])}</figure>"
+def _figure_html(name: str, ctx: PlotContext) -> str:
+    return f"<figure>{img_html(name, RUN_PLOTS[name](ctx), ALT[name])}</figure>"
 
 
 def write_html(df: pd.DataFrame, summary: Mapping[str, Any], path: str | Path) -> Path:
@@ -384,7 +385,7 @@ def write_html(df: pd.DataFrame, summary: Mapping[str, Any], path: str | Path) -
     bars, allocation use, error breakdown, slowest prompts, cost, run.json and
     config.yaml (secrets masked), and the metric definitions.
     """
-    ctx = _context(df, summary)
+    ctx = plot_context(df, summary)
     fig = _figure_html
     sections = [
         _header(summary),
@@ -415,7 +416,7 @@ def write_html(df: pd.DataFrame, summary: Mapping[str, Any], path: str | Path) -
         _config_html(df),
         "<h2>Definitions</h2>",
         _definitions_html(),
-        f"<footer>parsl-chat {_e(summary['run'].get('version') or '')} · report generated {now_utc()}</footer>",
+        f"<footer>parsl-chat {escape(summary['run'].get('version') or '')} · report generated {now_utc()}</footer>",
     ]
     title = f"parsl-chat report {summary['run'].get('run_id') or ''}"
-    return _write(Path(path), _page(title, "".join(sections)))
+    return write_page(Path(path), page_html(title, "".join(sections)))

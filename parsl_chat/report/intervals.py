@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .rows import _label
+from .rows import label_codes
 
-__all__ = ["busy_union_s", "seconds_since"]
+__all__ = ["busy_union_s", "seconds_since", "union_by_group"]
 
 
 #: ticks of a timestamp unit per second
@@ -63,14 +63,14 @@ def _merged_sorted(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np
     return starts[first], reach[last]
 
 
-def _union_by_group(keys: pd.Series, started: pd.Series, finished: pd.Series) -> dict[str, float]:
+def union_by_group(keys: pd.Series, started: pd.Series, finished: pd.Series) -> dict[str, float]:
     """:func:`busy_union_s` of the ``started`` -> ``finished`` intervals for every group of ``keys`` at once.
 
     One sort by group, then start, on the timestamps' integer ticks (views, no
     conversion); then each group's run of intervals is merged in place. A million
     rows cost three arrays of a number per row.
     """
-    labels = _label(keys, "unknown")
+    labels = label_codes(keys, "unknown")
     starts, per_second = _ticks(started)
     ends, _ = _ticks(finished, like=started)
     missing = np.iinfo(np.int64).min  # NaT

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..errors import UsageError
 
-__all__ = ["LEDGER_CHUNK", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "load_run", "normalize"]
+__all__ = ["LEDGER_CHUNK", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "is_normal", "load_run", "normalize", "read_run_json"]
 
 
 #: The result columns of docs/interfaces.md (the original list, then those added), in order, with the dtype
@@ -92,7 +92,7 @@ def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataF
             hint="pass a directory written by `parsl-chat run` (runs/<run-id>)",
         )
     notes: list[str] = []
-    run = _read_run_json(meta, notes)
+    run = read_run_json(meta, notes)
     df, source = _read_rows(parquet, ledger, notes, columns)
     df = normalize(df)
     df.attrs["run"] = run
@@ -102,7 +102,7 @@ def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataF
     return df
 
 
-def _read_run_json(meta: Path, notes: list[str]) -> dict[str, Any]:
+def read_run_json(meta: Path, notes: list[str]) -> dict[str, Any]:
     if not meta.exists():
         notes.append("run.json is missing: run metadata (agents, slots, blocks) unknown")
         return {}
@@ -205,7 +205,7 @@ def normalize(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _is_normal(df: pd.DataFrame, columns: Iterable[str]) -> bool:
+def is_normal(df: pd.DataFrame, columns: Iterable[str]) -> bool:
     """Whether ``df`` has ``columns`` with :func:`normalize`'s dtypes (strings may be categories)."""
     for column in columns:
         dtype = RESULT_COLUMNS[column]

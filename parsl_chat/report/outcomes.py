@@ -7,21 +7,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .rows import _label, _ok, _place
+from .rows import label_codes, ok_mask, place_labels
 
-__all__ = ["SLOWEST_N"]
+__all__ = ["SLOWEST_N", "VALID_STRUCTURED", "error_table", "slowest_candidates", "slowest_prompts", "structured_table"]
 
 
 #: rows in the summary's ``slowest`` list
 SLOWEST_N = 5
 
 
-def _errors(df: pd.DataFrame) -> list[dict[str, Any]]:
+def error_table(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Failed rows per ``error_type`` (most frequent first) with the first error message as an example."""
-    failed = df.loc[~_ok(df)]
+    failed = df.loc[~ok_mask(df)]
     if failed.empty:
         return []
-    kinds = _label(failed["error_type"], "other")
+    kinds = label_codes(failed["error_type"], "other")
     counts = sorted(((k, v) for k, v in kinds.value_counts().items() if v), key=lambda kv: (-int(kv[1]), str(kv[0])))
     out = []
     for kind, count in counts:
@@ -32,17 +32,17 @@ def _errors(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 #: :func:`_read_compact`'s stand-in for the ``parsed`` column: whether it holds an answer
-_VALID_STRUCTURED = "_parsed_valid"
+VALID_STRUCTURED = "_parsed_valid"
 
 
-def _structured(df: pd.DataFrame) -> list[dict[str, Any]] | None:
+def structured_table(df: pd.DataFrame) -> list[dict[str, Any]] | None:
     """Structured answers per agent and model: valid, ``invalid_output``, and the invalid-output rate.
 
     A row counts when it held a schema's answer (``parsed`` set) or ended as
     ``invalid_output``; agents without a schema do not appear. ``None`` for a run without any.
     """
-    if _VALID_STRUCTURED in df.columns:
-        valid = df[_VALID_STRUCTURED].to_numpy(dtype=bool)
+    if VALID_STRUCTURED in df.columns:
+        valid = df[VALID_STRUCTURED].to_numpy(dtype=bool)
     elif "parsed" in df.columns:
         valid = df["parsed"].notna().to_numpy()
     else:
@@ -51,7 +51,12 @@ def _structured(df: pd.DataFrame) -> list[dict[str, Any]] | None:
     if not (valid.any() or invalid.any()):
         return None
     frame = pd.DataFrame(
-        {"agent": _label(df["agent"], "unknown"), "model": _label(df["model"], "unknown"), "valid": valid, "invalid": invalid}
+        {
+            "agent": label_codes(df["agent"], "unknown"),
+            "model": label_codes(df["model"], "unknown"),
+            "valid": valid,
+            "invalid": invalid,
+        }
     )
     sums = frame.groupby(["agent", "model"], observed=True)[["valid", "invalid"]].sum().reset_index()
     out = []
@@ -70,7 +75,7 @@ def _structured(df: pd.DataFrame) -> list[dict[str, Any]] | None:
     return sorted(out, key=lambda r: (r["agent"], r["model"]))
 
 
-def _slowest_candidates(latency: pd.Series, n: int = SLOWEST_N) -> pd.Series:
+def slowest_candidates(latency: pd.Series, n: int = SLOWEST_N) -> pd.Series:
     """Rows that can be among the ``n`` slowest: latency at least the n-th largest (ties all kept)."""
     if latency.notna().sum() <= n:
         return latency.notna()
@@ -80,11 +85,11 @@ def _slowest_candidates(latency: pd.Series, n: int = SLOWEST_N) -> pd.Series:
     return latency >= np.sort(np.concatenate(tops))[-n]
 
 
-def _slowest(df: pd.DataFrame, n: int = SLOWEST_N) -> list[dict[str, Any]]:
+def slowest_prompts(df: pd.DataFrame, n: int = SLOWEST_N) -> list[dict[str, Any]]:
     """The ``n`` rows with the largest ``latency_s`` (ok or failed; ties by ``custom_id``)."""
-    rows = df.loc[_slowest_candidates(df["latency_s"], n), ["custom_id", "agent", "status", "latency_s", "attempts"]].copy()
+    rows = df.loc[slowest_candidates(df["latency_s"], n), ["custom_id", "agent", "status", "latency_s", "attempts"]].copy()
     rows["custom_id"] = rows["custom_id"].astype("str")  # ties sort by the id's text, not a category's position
-    rows["node"] = _place(df.loc[rows.index]).astype("str")
+    rows["node"] = place_labels(df.loc[rows.index]).astype("str")
     rows = rows.sort_values(["latency_s", "custom_id"], ascending=[False, True], kind="stable").head(n)
     out = []
     for record in rows.to_dict("records"):

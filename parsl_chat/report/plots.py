@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .figures import FAIL, IDLE, OK, _cdf, _Ctx, _figure, _ok_latency, _placeholder, _time_unit
-from .format import _natural_key, fmt_pct, fmt_s
-from .timeline import _plot_inflight, _plot_throughput, _plot_timeline
+from .figures import FAIL, IDLE, OK, PlotContext, cdf, new_figure, ok_latency, placeholder, time_unit
+from .format import fmt_pct, fmt_s, natural_key
+from .timeline import plot_inflight, plot_throughput, plot_timeline
 
 __all__ = ["ALT", "MAX_BAR_ROWS", "PLOT_NAMES", "RUN_PLOTS"]
 
@@ -35,12 +35,12 @@ PLOT_NAMES = (
 MAX_BAR_ROWS = 40
 
 
-def _plot_latency_hist(ctx: _Ctx) -> Figure:
-    values = _ok_latency(ctx.df)
+def _plot_latency_hist(ctx: PlotContext) -> Figure:
+    values = ok_latency(ctx.df)
     title = "Latency of successful requests"
-    with _figure(6.2, 3.6) as (fig, (ax,)):
+    with new_figure(6.2, 3.6) as (fig, (ax,)):
         if values.size == 0:
-            return _placeholder(title, "no successful prompts: latency not available")
+            return placeholder(title, "no successful prompts: latency not available")
         lat = ctx.summary["latency_s"]
         low, high = float(values.min()), float(values.max())
         log = low > 0 and high / low > 100
@@ -57,19 +57,19 @@ def _plot_latency_hist(ctx: _Ctx) -> Figure:
     return fig
 
 
-def _plot_latency_cdf(ctx: _Ctx) -> Figure:
-    values = _ok_latency(ctx.df)
+def _plot_latency_cdf(ctx: PlotContext) -> Figure:
+    values = ok_latency(ctx.df)
     title = "Latency CDF (successful requests)"
-    with _figure(6.2, 3.6) as (fig, (ax,)):
+    with new_figure(6.2, 3.6) as (fig, (ax,)):
         if values.size == 0:
-            return _placeholder(title, "no successful prompts: latency not available")
-        _cdf(ax, values, "all agents", "#222222", width=2.0)
+            return placeholder(title, "no successful prompts: latency not available")
+        cdf(ax, values, "all agents", "#222222", width=2.0)
         ok = ctx.df[ctx.df["status"] == "ok"]
         if 1 < len(ctx.colours) <= 8:
             for name, colour in ctx.colours.items():
                 agent_values = ok.loc[ok["agent"] == name, "latency_s"].dropna().to_numpy(dtype=float)
                 if agent_values.size:
-                    _cdf(ax, agent_values, name, colour, width=1.2)
+                    cdf(ax, agent_values, name, colour, width=1.2)
         for q in (0.5, 0.95, 0.99):
             ax.axhline(q, color="#bbbbbb", linewidth=0.8, linestyle=":")
         ax.set_ylim(0, 1.02)
@@ -90,9 +90,9 @@ def _plot_groups(
         shown = sorted(shown, key=lambda e: -e["prompts"])[:MAX_BAR_ROWS]
         note = f" (busiest {MAX_BAR_ROWS} of {len(entries)})"
     if not shown:
-        return _placeholder(title, "no prompts recorded")
+        return placeholder(title, "no prompts recorded")
     height = 1.5 + 0.3 * max(len(shown), 2)
-    with _figure(6.2, height, cols=2, sharey=True) as (fig, (ax, ax2)):
+    with new_figure(6.2, height, cols=2, sharey=True) as (fig, (ax, ax2)):
         names = [str(e[key]) for e in shown]
         y = np.arange(len(names))
         ok = np.array([e["ok"] for e in shown], dtype=float)
@@ -109,7 +109,7 @@ def _plot_groups(
         )
         ax.set_xlabel("prompts")
         busy = np.array([e["busy_s"] for e in shown], dtype=float)
-        unit_s, unit = _time_unit(float(busy.max()) if busy.size else 0.0)
+        unit_s, unit = time_unit(float(busy.max()) if busy.size else 0.0)
         ax2.barh(y, busy / unit_s, color=fill)
         for yi, (b, e) in enumerate(zip(busy, shown, strict=True)):
             if e.get(util_key) is not None:
@@ -120,28 +120,28 @@ def _plot_groups(
     return fig
 
 
-def _plot_agents(ctx: _Ctx) -> Figure:
+def _plot_agents(ctx: PlotContext) -> Figure:
     return _plot_groups("Agents", ctx.summary["agents"], "agent", ctx.colours, "utilisation", "label: utilisation")
 
 
-def _plot_nodes(ctx: _Ctx) -> Figure:
+def _plot_nodes(ctx: PlotContext) -> Figure:
     return _plot_groups("Nodes", ctx.summary["nodes"], "node", None, "active_fraction", "label: time active")
 
 
-def _plot_workers(ctx: _Ctx) -> Figure:
-    workers = sorted(ctx.summary["workers"], key=lambda w: (_natural_key(w["node"]), _natural_key(w["worker"])))
+def _plot_workers(ctx: PlotContext) -> Figure:
+    workers = sorted(ctx.summary["workers"], key=lambda w: (natural_key(w["node"]), natural_key(w["worker"])))
     title = "Worker utilisation (busy time / (slots x wall time))"
     utils = np.array([w["utilisation"] if w["utilisation"] is not None else np.nan for w in workers], dtype=float)
     if not workers or not np.isfinite(utils).any():
-        return _placeholder(title, "no worker ran a request" if not workers else "wall time unknown")
+        return placeholder(title, "no worker ran a request" if not workers else "wall time unknown")
     if len(workers) > MAX_BAR_ROWS:
-        with _figure(6.2, 3.6) as (fig, (ax,)):
+        with new_figure(6.2, 3.6) as (fig, (ax,)):
             ax.hist(utils[np.isfinite(utils)] * 100, bins=20, color="#1f77b4", edgecolor="white")
             ax.set_title(f"{title}\n({len(workers)} workers)", loc="left", fontweight="bold")
             ax.set_xlabel("utilisation (%)")
             ax.set_ylabel("workers")
         return fig
-    with _figure(6.2, 1.4 + 0.28 * max(len(workers), 2)) as (fig, (ax,)):
+    with new_figure(6.2, 1.4 + 0.28 * max(len(workers), 2)) as (fig, (ax,)):
         labels = [f"{w['node']} / {w['worker']}" for w in workers]
         y = np.arange(len(labels))
         colours = [OK if u >= 0.8 else "#e9c46a" if u >= 0.5 else "#e76f51" for u in np.nan_to_num(utils)]
@@ -156,20 +156,20 @@ def _plot_workers(ctx: _Ctx) -> Figure:
     return fig
 
 
-def _plot_allocation(ctx: _Ctx) -> Figure:
+def _plot_allocation(ctx: PlotContext) -> Figure:
     alloc = ctx.summary["allocation"] or {}
     per_node = list(alloc.get("per_node") or [])
     title = "Allocation use per node"
     if len(per_node) > MAX_BAR_ROWS:
         per_node = sorted(per_node, key=lambda n: -n["idle_s"])[:MAX_BAR_ROWS]
         title += f" (the {MAX_BAR_ROWS} idlest nodes)"
-    with _figure(6.2, 1.6 + 0.3 * max(len(per_node), 2)) as (fig, (ax,)):
+    with new_figure(6.2, 1.6 + 0.3 * max(len(per_node), 2)) as (fig, (ax,)):
         if not per_node:
-            return _placeholder(title, "no node in the allocation")
+            return placeholder(title, "no node in the allocation")
         names = [n["node"] for n in per_node]
         busy = np.array([n["busy_s"] for n in per_node], dtype=float)
         idle = np.array([n["idle_s"] for n in per_node], dtype=float)
-        unit_s, unit = _time_unit(float((busy + idle).max()))
+        unit_s, unit = time_unit(float((busy + idle).max()))
         y = np.arange(len(names))
         ax.barh(y, busy / unit_s, color=OK, label="busy (requests in flight)")
         ax.barh(y, idle / unit_s, left=busy / unit_s, color=IDLE, label="idle")
@@ -181,12 +181,12 @@ def _plot_allocation(ctx: _Ctx) -> Figure:
     return fig
 
 
-def _plot_errors(ctx: _Ctx) -> Figure:
+def _plot_errors(ctx: PlotContext) -> Figure:
     errors = ctx.summary["errors"]
     title = "Failed requests by error type"
-    with _figure(6.2, 1.5 + 0.32 * max(len(errors), 2)) as (fig, (ax,)):
+    with new_figure(6.2, 1.5 + 0.32 * max(len(errors), 2)) as (fig, (ax,)):
         if not errors:
-            return _placeholder(title, "no failed requests" if ctx.summary["counts"]["prompts"] else "no prompts recorded")
+            return placeholder(title, "no failed requests" if ctx.summary["counts"]["prompts"] else "no prompts recorded")
         names = [e["error_type"] for e in errors]
         counts = [e["count"] for e in errors]
         y = np.arange(len(names))
@@ -202,10 +202,10 @@ def _plot_errors(ctx: _Ctx) -> Figure:
 
 
 #: how each plot of a run report is drawn, by ``data-plot`` name
-RUN_PLOTS: dict[str, Callable[[_Ctx], Figure]] = {
-    "timeline": _plot_timeline,
-    "inflight": _plot_inflight,
-    "throughput": _plot_throughput,
+RUN_PLOTS: dict[str, Callable[[PlotContext], Figure]] = {
+    "timeline": plot_timeline,
+    "inflight": plot_inflight,
+    "throughput": plot_throughput,
     "latency_hist": _plot_latency_hist,
     "latency_cdf": _plot_latency_cdf,
     "agents": _plot_agents,

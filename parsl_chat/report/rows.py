@@ -8,10 +8,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = []
+__all__ = [
+    "agent_slots",
+    "cache_hits",
+    "distinct_pairs",
+    "group_records",
+    "label_codes",
+    "new_tokens",
+    "ok_mask",
+    "place_labels",
+    "ran_rows",
+    "run_meta",
+]
 
 
-def _run(df: pd.DataFrame) -> dict[str, Any]:
+def run_meta(df: pd.DataFrame) -> dict[str, Any]:
     run = df.attrs.get("run")
     return run if isinstance(run, dict) else {}
 
@@ -21,7 +32,7 @@ def _category(series: pd.Series) -> pd.Series:
     return series if isinstance(series.dtype, pd.CategoricalDtype) else series.astype("category")
 
 
-def _label(series: pd.Series, missing: str) -> pd.Series:
+def label_codes(series: pd.Series, missing: str) -> pd.Series:
     """``series`` as categories with ``missing`` for missing values: grouping by it costs a code per row."""
     cat = _category(series)
     if cat.isna().any():
@@ -31,9 +42,9 @@ def _label(series: pd.Series, missing: str) -> pd.Series:
     return cat
 
 
-def _place(df: pd.DataFrame) -> pd.Series:
+def place_labels(df: pd.DataFrame) -> pd.Series:
     """Where each request ran: the scheduler node, else the hostname, else ``"unknown"`` (as categories)."""
-    node = _label(df["node"], "unknown")
+    node = label_codes(df["node"], "unknown")
     if not df["node"].isna().any():
         return node
     host = _category(df["hostname"])
@@ -50,7 +61,7 @@ def _place(df: pd.DataFrame) -> pd.Series:
 _PLACE_COLUMNS = ("node", "hostname", "worker", "status", "latency_s", "completion_tokens", "started_at", "finished_at", "cached")
 
 
-def _ran(df: pd.DataFrame) -> pd.DataFrame:
+def ran_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Rows that reached a worker: they started, or name a node or host (not e.g. ``invalid_input`` rows).
 
     Only the columns the per-node and per-worker tables read, and no copy when every row ran.
@@ -59,23 +70,23 @@ def _ran(df: pd.DataFrame) -> pd.DataFrame:
     return df if ran.all() else df.loc[ran, list(_PLACE_COLUMNS)]
 
 
-def _ok(df: pd.DataFrame) -> pd.Series:
+def ok_mask(df: pd.DataFrame) -> pd.Series:
     return df["status"] == "ok"
 
 
-def _hits(df: pd.DataFrame) -> np.ndarray:
+def cache_hits(df: pd.DataFrame) -> np.ndarray:
     """Rows answered from the response cache (no request sent), as a bool array."""
     if "cached" not in df.columns:
         return np.zeros(len(df), dtype=bool)
     return df["cached"].to_numpy(dtype=bool, na_value=False)
 
 
-def _new_tokens(df: pd.DataFrame, column: str) -> np.ndarray:
+def new_tokens(df: pd.DataFrame, column: str) -> np.ndarray:
     """``column`` (a token count) per row, 0 for cache hits: tokens this run had an endpoint process."""
-    return np.where(_hits(df), 0.0, df[column].to_numpy(dtype=float, na_value=0.0))
+    return np.where(cache_hits(df), 0.0, df[column].to_numpy(dtype=float, na_value=0.0))
 
 
-def _slots(run: Mapping[str, Any]) -> int | None:
+def agent_slots(run: Mapping[str, Any]) -> int | None:
     """``run.json`` ``agent_slots``, else the sum of the agents' ``concurrency``."""
     slots = run.get("agent_slots")
     if isinstance(slots, (int, float)) and slots > 0:
@@ -85,18 +96,18 @@ def _slots(run: Mapping[str, Any]) -> int | None:
     return total or None
 
 
-def _group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict[str, Any]]:
+def group_records(df: pd.DataFrame, keys: Mapping[str, pd.Series]) -> list[dict[str, Any]]:
     """Per group of ``keys``: prompts, ok, error, busy_s (sum of latency_s), completion_tokens.
 
     Sorted by the keys' text. Counted with numpy on category codes: a few arrays of a number per row.
     """
-    labels = [_label(series, "unknown") for series in keys.values()]
+    labels = [label_codes(series, "unknown") for series in keys.values()]
     categories = [label.cat.categories for label in labels]
     group, present, space = _combinations([label.cat.codes.to_numpy() for label in labels], categories)
     prompts = np.bincount(group, minlength=space)
-    ok = np.bincount(group, weights=_ok(df).to_numpy(dtype=float), minlength=space)
+    ok = np.bincount(group, weights=ok_mask(df).to_numpy(dtype=float), minlength=space)
     busy = np.bincount(group, weights=df["latency_s"].to_numpy(dtype=float, na_value=0.0), minlength=space)
-    tokens = np.bincount(group, weights=_new_tokens(df, "completion_tokens"), minlength=space)
+    tokens = np.bincount(group, weights=new_tokens(df, "completion_tokens"), minlength=space)
     del group
     kept = np.flatnonzero(prompts)  # groups that have rows (all of them when numbered)
     combined = kept if present is None else present[kept]
@@ -144,7 +155,7 @@ def _names(code: int, categories: Sequence[pd.Index]) -> list[str]:
     return names[::-1]
 
 
-def _distinct_pairs(first: pd.Series, second: pd.Series) -> list[tuple[str, str]]:
+def distinct_pairs(first: pd.Series, second: pd.Series) -> list[tuple[str, str]]:
     """The distinct ``(first, second)`` pairs in the rows, skipping missing values.
 
     Counted on category codes (a number per row), not by pandas' groupby, which

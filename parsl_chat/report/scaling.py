@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from .summary import summarize
-from .values import _num, _ratio
+from .values import as_number, safe_ratio
 
 __all__ = ["compare"]
 
@@ -59,9 +59,9 @@ def compare(runs: Sequence[pd.DataFrame]) -> pd.DataFrame:
     for row in rows:
         row["resource"] = resource
         row["resources"] = row[resource]
-        row["speedup"] = _ratio(row["ok_per_s"], base["ok_per_s"])
-        row["ideal_speedup"] = _ratio(_num(row["resources"]), _num(base["resources"]))
-        row["efficiency"] = _ratio(row["speedup"], row["ideal_speedup"])
+        row["speedup"] = safe_ratio(row["ok_per_s"], base["ok_per_s"])
+        row["ideal_speedup"] = safe_ratio(as_number(row["resources"]), as_number(base["resources"]))
+        row["efficiency"] = safe_ratio(row["speedup"], row["ideal_speedup"])
     table = pd.DataFrame(rows, columns=columns)
     for column in ("wall_s", "prompts_per_s", "ok_per_s", "parallel_efficiency", "speedup", "ideal_speedup", "efficiency"):
         table[column] = pd.to_numeric(table[column], errors="coerce").astype("float64")

@@ -28,14 +28,14 @@ from typing import Any, TypedDict
 import pandas as pd
 
 from .._files import atomic_write
-from .allocation import _allocation
-from .compact import _read_compact
-from .cost import _cost
-from .groups import _agents, _nodes, _workers
-from .load import SUMMARY_COLUMNS, _is_normal, _read_run_json, load_run, normalize
-from .outcomes import _errors, _slowest, _structured
-from .rows import _hits, _label, _new_tokens, _ok, _run, _slots
-from .values import _iso, _num, _parse_time, _percentiles, _ratio
+from .allocation import allocation_summary
+from .compact import read_compact
+from .cost import cost_summary
+from .groups import agent_table, node_table, worker_table
+from .load import SUMMARY_COLUMNS, is_normal, load_run, normalize, read_run_json
+from .outcomes import error_table, slowest_prompts, structured_table
+from .rows import agent_slots, cache_hits, label_codes, new_tokens, ok_mask, run_meta
+from .values import as_number, iso_text, parse_time, percentiles_of, safe_ratio
 
 __all__ = ["PARTIAL_STATUSES", "SUMMARY_SCHEMA", "Summary", "summarize", "summarize_run", "wall_clock", "write_summary"]
 
@@ -84,8 +84,8 @@ def wall_clock(df: pd.DataFrame) -> dict[str, Any]:
     last ``finished_at`` of a row. ``wall_s`` is ``None`` when either end is
     unknown or the span is not positive.
     """
-    run = _run(df)
-    start, end = _parse_time(run.get("started_at")), _parse_time(run.get("finished_at"))
+    run = run_meta(df)
+    start, end = parse_time(run.get("started_at")), parse_time(run.get("finished_at"))
     basis_start, basis_end = "run.json started_at", "run.json finished_at"
     if start is None:
         first = df["submitted_at"].min() if df["submitted_at"].notna().any() else df["started_at"].min()
@@ -97,8 +97,8 @@ def wall_clock(df: pd.DataFrame) -> dict[str, Any]:
         basis_end = "last finished_at"
     wall = (end - start).total_seconds() if start is not None and end is not None else None
     return {
-        "start": _iso(start),
-        "end": _iso(end),
+        "start": iso_text(start),
+        "end": iso_text(end),
         "wall_s": wall if wall is not None and wall > 0 else None,
         "basis": f"{basis_start} -> {basis_end}",
     }
@@ -114,18 +114,18 @@ def summarize(df: pd.DataFrame) -> Summary:
     :func:`_queue`), ``busy_agent_s``, ``agent_slots``, ``parallel_efficiency``
     (:func:`_efficiency`), ``server_time`` (:func:`_server_time`, ``None``
     without server timings), ``agents``, ``nodes``, ``workers`` (per-group
-    tables), ``allocation`` (:func:`_allocation`, ``None`` without scheduler
-    blocks), ``cost`` (:func:`_cost`, ``None`` without prices), ``errors``,
-    ``slowest`` and ``structured`` (:func:`_structured`, ``None`` without schemas).
+    tables), ``allocation`` (:func:`allocation_summary`, ``None`` without scheduler
+    blocks), ``cost`` (:func:`cost_summary`, ``None`` without prices), ``errors``,
+    ``slowest`` and ``structured`` (:func:`structured_table`, ``None`` without schemas).
     """
-    if not _is_normal(df, SUMMARY_COLUMNS):
+    if not is_normal(df, SUMMARY_COLUMNS):
         df = normalize(df)
-    run = _run(df)
+    run = run_meta(df)
     wall = wall_clock(df)
     wall_s = wall["wall_s"]
     counts = {**_counts(df), "unfinished": int(run.get("unfinished") or 0)}
     tokens, throughput = _throughput(df, counts, wall_s)
-    allocation = _allocation(df, wall)
+    allocation = allocation_summary(df, wall)
     efficiency = _efficiency(df, run, wall_s)
     return {
         "schema": SUMMARY_SCHEMA,
@@ -141,15 +141,15 @@ def summarize(df: pd.DataFrame) -> Summary:
         "agent_slots": efficiency["agent_slots"],
         "parallel_efficiency": efficiency["parallel_efficiency"],
         "server_time": _server_time(df, run, wall_s),
-        "agents": _agents(df, run, wall_s),
-        "nodes": _nodes(df, wall_s),
-        "workers": _workers(df, run, wall_s),
+        "agents": agent_table(df, run, wall_s),
+        "nodes": node_table(df, wall_s),
+        "workers": worker_table(df, run, wall_s),
         "allocation": allocation,
-        "cost": _cost(df, run, wall_s, allocation, tokens),
+        "cost": cost_summary(df, run, wall_s, allocation, tokens),
         "cache": _cache(df, run),
-        "errors": _errors(df),
-        "slowest": _slowest(df),
-        "structured": _structured(df),
+        "errors": error_table(df),
+        "slowest": slowest_prompts(df),
+        "structured": structured_table(df),
     }
 
 
@@ -157,19 +157,19 @@ def summarize_run(path: str | Path) -> Summary:
     """``summarize(load_run(path))``, with memory to spare for a million rows.
 
     ``results.parquet`` is read column by column into a compact frame (see
-    :func:`_read_compact`). The numbers are the same as from :func:`load_run`
+    :func:`read_compact`). The numbers are the same as from :func:`load_run`
     (tests compare both).
     """
     run_dir = Path(path)
     parquet = run_dir / "results.parquet"
     try:
-        df = _read_compact(parquet) if parquet.exists() else None
+        df = read_compact(parquet) if parquet.exists() else None
     except Exception:  # pyarrow raises many types for a damaged file: load_run says what it can
         df = None
     if df is None:
         return summarize(load_run(run_dir, columns=SUMMARY_COLUMNS))
     notes: list[str] = []
-    df.attrs.update(run=_read_run_json(run_dir / "run.json", notes), run_dir=str(run_dir), source="results.parquet", notes=notes)
+    df.attrs.update(run=read_run_json(run_dir / "run.json", notes), run_dir=str(run_dir), source="results.parquet", notes=notes)
     return summarize(df)
 
 
@@ -226,8 +226,8 @@ def _counts(df: pd.DataFrame) -> dict[str, Any]:
     """``prompts`` rows; ``ok``/``error`` by status; ``errors_by_type`` error rows per
     ``error_type`` (missing type counted as ``other``); ``retried`` rows with
     ``attempts > 1``; ``not_started`` rows without ``started_at``."""
-    ok = _ok(df)
-    errors = _label(df.loc[~ok, "error_type"], "other")
+    ok = ok_mask(df)
+    errors = label_codes(df.loc[~ok, "error_type"], "other")
     by_type = {str(k): int(v) for k, v in sorted(errors.value_counts().items(), key=lambda kv: str(kv[0])) if v}
     return {
         "prompts": len(df),
@@ -247,20 +247,20 @@ def _throughput(df: pd.DataFrame, counts: Mapping[str, Any], wall_s: float | Non
     successful prompts / wall; ``completion_tokens_per_s`` and
     ``total_tokens_per_s`` (prompt + completion) / wall.
     """
-    prompt = int(_new_tokens(df, "prompt_tokens").sum())
-    completion = int(_new_tokens(df, "completion_tokens").sum())
-    sent_ok = int((_ok(df).to_numpy(dtype=bool) & ~_hits(df)).sum())
+    prompt = int(new_tokens(df, "prompt_tokens").sum())
+    completion = int(new_tokens(df, "completion_tokens").sum())
+    sent_ok = int((ok_mask(df).to_numpy(dtype=bool) & ~cache_hits(df)).sum())
     tokens = {
         "prompt": prompt,
         "completion": completion,
         "total": prompt + completion,
-        "mean_completion_per_ok": _ratio(float(completion), float(sent_ok)),
+        "mean_completion_per_ok": safe_ratio(float(completion), float(sent_ok)),
     }
     throughput = {
-        "prompts_per_s": _ratio(float(counts["prompts"]), wall_s),
-        "ok_per_s": _ratio(float(counts["ok"]), wall_s),
-        "completion_tokens_per_s": _ratio(float(completion), wall_s),
-        "total_tokens_per_s": _ratio(float(prompt + completion), wall_s),
+        "prompts_per_s": safe_ratio(float(counts["prompts"]), wall_s),
+        "ok_per_s": safe_ratio(float(counts["ok"]), wall_s),
+        "completion_tokens_per_s": safe_ratio(float(completion), wall_s),
+        "total_tokens_per_s": safe_ratio(float(prompt + completion), wall_s),
     }
     return tokens, throughput
 
@@ -272,7 +272,7 @@ def _cache(df: pd.DataFrame, run: Mapping[str, Any]) -> dict[str, Any] | None:
     prompt and completion tokens, which ``tokens`` leaves out) and ``request_s_saved`` (the sum of
     the hits' original latency). ``None`` when the run had no cache and no row was asked.
     """
-    hits = _hits(df)
+    hits = cache_hits(df)
     asked = df["cached"].notna().to_numpy(dtype=bool) if "cached" in df.columns else hits
     if not asked.any() and not run.get("cache"):
         return None
@@ -287,7 +287,7 @@ def _cache(df: pd.DataFrame, run: Mapping[str, Any]) -> dict[str, Any] | None:
         "hits": n_hits,
         "misses": n_asked - n_hits,
         "not_asked": len(df) - n_asked,
-        "hit_rate": _ratio(float(n_hits), float(n_asked)),
+        "hit_rate": safe_ratio(float(n_hits), float(n_asked)),
         "tokens_saved": {"prompt": prompt, "completion": completion, "total": prompt + completion},
         "request_s_saved": float(saved.fillna(0).sum()),
     }
@@ -295,15 +295,15 @@ def _cache(df: pd.DataFrame, run: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _latency(df: pd.DataFrame) -> dict[str, Any] | None:
     """``latency_s`` of successful rows: count, p50/p95/p99, mean, min, max. ``None`` without one."""
-    values = df.loc[_ok(df), "latency_s"].dropna().to_numpy(dtype=float)
+    values = df.loc[ok_mask(df), "latency_s"].dropna().to_numpy(dtype=float)
     if values.size == 0:
         return None
     return {
         "n": int(values.size),
-        **_percentiles(values, {"p50": 50, "p95": 95, "p99": 99}),
-        "mean": _num(values.mean()),
-        "min": _num(values.min()),
-        "max": _num(values.max()),
+        **percentiles_of(values, {"p50": 50, "p95": 95, "p99": 99}),
+        "mean": as_number(values.mean()),
+        "min": as_number(values.min()),
+        "max": as_number(values.max()),
     }
 
 
@@ -314,9 +314,9 @@ def _queue(df: pd.DataFrame) -> dict[str, Any] | None:
         return None
     return {
         "n": int(values.size),
-        **_percentiles(values, {"p50": 50, "p95": 95}),
-        "mean": _num(values.mean()),
-        "max": _num(values.max()),
+        **percentiles_of(values, {"p50": 50, "p95": 95}),
+        "mean": as_number(values.mean()),
+        "max": as_number(values.max()),
     }
 
 
@@ -327,9 +327,9 @@ def _efficiency(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) 
     failed). 1.0 means every slot had a request in flight for the whole wall clock.
     """
     busy = float(df["latency_s"].fillna(0).sum())
-    slots = _slots(run)
+    slots = agent_slots(run)
     capacity = slots * wall_s if slots and wall_s else None
-    return {"busy_agent_s": busy, "agent_slots": slots, "parallel_efficiency": _ratio(busy, capacity)}
+    return {"busy_agent_s": busy, "agent_slots": slots, "parallel_efficiency": safe_ratio(busy, capacity)}
 
 
 def _server_time(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None) -> dict[str, Any] | None:
@@ -350,15 +350,15 @@ def _server_time(df: pd.DataFrame, run: Mapping[str, Any], wall_s: float | None)
     queue = df.loc[has, "server_queue_s"].to_numpy(dtype=float)
     latency = float(df.loc[has, "latency_s"].fillna(0).sum())
     busy = float(df["latency_s"].fillna(0).sum())
-    slots = _slots(run)
+    slots = agent_slots(run)
     capacity = slots * wall_s if slots and wall_s else None
     return {
         "n": n,
-        "queue_s": _num(queue.sum()),
-        "prompt_s": _num(df.loc[has, "server_prompt_s"].fillna(0).sum()),
-        "generation_s": _num(df.loc[has, "server_generation_s"].fillna(0).sum()),
-        "queue_share": _ratio(float(queue.sum()), latency),
-        **{f"queue_{k}": v for k, v in _percentiles(queue, {"p50": 50, "p95": 95}).items()},
-        "work_agent_s": _num(busy - float(queue.sum())),
-        "work_efficiency": _ratio(busy - float(queue.sum()), capacity),
+        "queue_s": as_number(queue.sum()),
+        "prompt_s": as_number(df.loc[has, "server_prompt_s"].fillna(0).sum()),
+        "generation_s": as_number(df.loc[has, "server_generation_s"].fillna(0).sum()),
+        "queue_share": safe_ratio(float(queue.sum()), latency),
+        **{f"queue_{k}": v for k, v in percentiles_of(queue, {"p50": 50, "p95": 95}).items()},
+        "work_agent_s": as_number(busy - float(queue.sum())),
+        "work_efficiency": safe_ratio(busy - float(queue.sum()), capacity),
     }

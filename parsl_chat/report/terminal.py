@@ -17,16 +17,16 @@ from .format import (
     DASH,
     MAX_TERMINAL_ROWS,
     UNFINISHED_DETAIL,
-    _cache_brief,
-    _comparison_cells,
-    _error_brief,
-    _natural_key,
-    _share,
-    _short_list,
+    cache_brief,
+    comparison_cells,
+    error_brief,
     fmt_int,
     fmt_num,
     fmt_pct,
     fmt_s,
+    natural_key,
+    share_of,
+    short_list,
 )
 
 __all__ = ["render_comparison", "render_terminal"]
@@ -103,7 +103,7 @@ def _overview_table(summary: Mapping[str, Any]) -> Table:
     failed = counts["error"]
     table.add_row("prompts", fmt_int(counts["prompts"]), f"{counts['retried']:,} retried" if counts["retried"] else "")
     table.add_row("ok", f"[green]{counts['ok']:,}[/]", fmt_pct(counts["ok"] / counts["prompts"]) if counts["prompts"] else "")
-    table.add_row("failed", f"[red]{failed:,}[/]" if failed else "0", _error_brief(counts))
+    table.add_row("failed", f"[red]{failed:,}[/]" if failed else "0", error_brief(counts))
     if counts.get("unfinished"):
         table.add_row("unfinished", f"[yellow]{counts['unfinished']:,}[/]", UNFINISHED_DETAIL)
     table.add_row("wall time", fmt_s(summary["wall_s"]), summary["wall"]["basis"])
@@ -114,7 +114,7 @@ def _overview_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("tokens", fmt_int(tokens["total"]), f"{tokens['prompt']:,} prompt + {tokens['completion']:,} completion")
     cache = summary.get("cache")
     if cache:
-        table.add_row("cache hits", fmt_int(cache["hits"]), _cache_brief(cache))
+        table.add_row("cache hits", fmt_int(cache["hits"]), cache_brief(cache))
     slots = summary.get("agent_slots")
     table.add_row(
         "parallel efficiency",
@@ -240,7 +240,7 @@ def _nodes_table(summary: Mapping[str, Any]) -> list[Any]:
         shown = sorted(nodes, key=lambda n: -n["prompts"])[:MAX_TERMINAL_ROWS]
         caption += f"; busiest {len(shown)} of {len(nodes)} nodes shown"
     else:
-        shown = sorted(nodes, key=lambda n: _natural_key(n["node"]))
+        shown = sorted(nodes, key=lambda n: natural_key(n["node"]))
     table = _table("Nodes", "node", "workers", "prompts", "share", "failed", "busy", "active", "tok/s", caption=caption)
     for n in shown:
         table.add_row(
@@ -270,7 +270,7 @@ def _workers_table(summary: Mapping[str, Any]) -> list[Any]:
             f" the {len(shown)} least used shown"
         )
     else:
-        shown = sorted(workers, key=lambda w: (_natural_key(w["node"]), _natural_key(w["worker"])))
+        shown = sorted(workers, key=lambda w: (natural_key(w["node"]), natural_key(w["worker"])))
     table = _table("Workers", "worker", "node", "prompts", "failed", "busy", "utilisation", caption=caption)
     table.columns[1].justify = "left"
     for w in shown:
@@ -297,9 +297,9 @@ def _allocation_tables(summary: Mapping[str, Any]) -> list[Any]:
         "idle",
         fmt_num(alloc["node_s_idle"]),
         fmt_num(alloc["node_s_idle"] / 3600),
-        fmt_pct(_share(alloc["node_s_idle"], allocated)),
+        fmt_pct(share_of(alloc["node_s_idle"], allocated)),
     )
-    head.caption = f"jobs {', '.join(alloc['job_ids']) or DASH}; {len(alloc['nodes'])} node(s): {_short_list(alloc['nodes'])}"
+    head.caption = f"jobs {', '.join(alloc['job_ids']) or DASH}; {len(alloc['nodes'])} node(s): {short_list(alloc['nodes'])}"
     blocks = _table(
         "Blocks",
         "block",
@@ -376,5 +376,5 @@ def render_comparison(table: pd.DataFrame, console: Console) -> None:
         ),
     )
     for r in table.to_dict("records"):
-        out.add_row(*_comparison_cells(r, _failed, _pct_style))
+        out.add_row(*comparison_cells(r, _failed, _pct_style))
     _emit(console, out)

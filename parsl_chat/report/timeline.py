@@ -9,11 +9,21 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .figures import FAIL, OK, PALETTE, _Ctx, _figure, _placeholder, _time_end
-from .format import _natural_key, fmt_s
+from .figures import FAIL, OK, PALETTE, PlotContext, new_figure, placeholder, time_end
+from .format import fmt_s, natural_key
 from .intervals import seconds_since
 
-__all__ = ["MAX_TIMELINE_BARS", "MAX_TIMELINE_LANES", "NICE_BINS_S", "bin_width_s", "inflight_series", "timeline_segments"]
+__all__ = [
+    "MAX_TIMELINE_BARS",
+    "MAX_TIMELINE_LANES",
+    "NICE_BINS_S",
+    "bin_width_s",
+    "inflight_series",
+    "plot_inflight",
+    "plot_throughput",
+    "plot_timeline",
+    "timeline_segments",
+]
 
 
 #: workers drawn in the timeline, at most (an evenly spaced subset beyond)
@@ -36,7 +46,7 @@ def timeline_segments(
     """
     rows = df[df["started_at"].notna() & df["finished_at"].notna()]
     lane_of = rows["node"].fillna(rows["hostname"]).fillna("?").astype("str") + " / " + rows["worker"].fillna("?").astype("str")
-    all_lanes = sorted(set(lane_of), key=_natural_key)
+    all_lanes = sorted(set(lane_of), key=natural_key)
     lanes = all_lanes
     if len(all_lanes) > max_lanes:
         picks = np.unique(np.linspace(0, len(all_lanes) - 1, max_lanes).round().astype(int))
@@ -85,13 +95,13 @@ def _merge_segments(frame: pd.DataFrame, gap: float) -> pd.DataFrame:
     )
 
 
-def _plot_timeline(ctx: _Ctx) -> Figure:
+def plot_timeline(ctx: PlotContext) -> Figure:
     title = "Timeline: every request per worker, coloured by agent"
     if ctx.t0 is None or not ctx.df["started_at"].notna().any():
-        return _placeholder(title, "no request started", width=11.5)
+        return placeholder(title, "no request started", width=11.5)
     segments, lanes, total = timeline_segments(ctx.df, ctx.t0)
     height = 1.6 + 0.26 * max(len(lanes), 3)
-    with _figure(11.5, height) as (fig, (ax,)):
+    with new_figure(11.5, height) as (fig, (ax,)):
         ypos = {lane: i for i, lane in enumerate(lanes)}
         for (agent, failed), group in segments.groupby(["agent", "failed"], sort=True):
             bars = [(s / ctx.unit_s, max((e - s) / ctx.unit_s, 1e-9)) for s, e in zip(group["start"], group["end"], strict=True)]
@@ -100,7 +110,7 @@ def _plot_timeline(ctx: _Ctx) -> Figure:
                 ax.broken_barh(lane_bars, (ypos[lane] - 0.38, 0.76), facecolors=colour, edgecolor="white", linewidth=0.3)
         ax.set_yticks(range(len(lanes)), lanes, fontsize=8 if len(lanes) > 24 else 9)
         ax.set_ylim(len(lanes) - 0.5, -0.5)
-        ax.set_xlim(0, _time_end(ctx))
+        ax.set_xlim(0, time_end(ctx))
         ax.set_xlabel(ctx.time_label)
         ax.set_ylabel("node / worker")
         note = []
@@ -128,7 +138,7 @@ def _by_lane(lanes: list[str], bars: list[tuple[float, float]]) -> dict[str, lis
     return out
 
 
-def _agent_handles(ctx: _Ctx, agents: set[str], *, with_failed: bool) -> list[Any]:
+def _agent_handles(ctx: PlotContext, agents: set[str], *, with_failed: bool) -> list[Any]:
     from matplotlib.patches import Patch
 
     handles: list[Any] = [Patch(color=c, label=name) for name, c in ctx.colours.items() if name in agents]
@@ -158,12 +168,12 @@ def inflight_series(starts: np.ndarray, ends: np.ndarray, *, max_points: int = 4
     return grid, counts.astype(float)
 
 
-def _plot_inflight(ctx: _Ctx) -> Figure:
+def plot_inflight(ctx: PlotContext) -> Figure:
     title = "Requests in flight"
-    with _figure(6.2, 4.4) as (fig, (ax,)):
+    with new_figure(6.2, 4.4) as (fig, (ax,)):
         times, counts = inflight_series(ctx.rel("started_at"), ctx.rel("finished_at"))
         if times.size == 0:
-            return _placeholder(title, "no request started")
+            return placeholder(title, "no request started")
         ax.step(
             np.concatenate([[0.0], times]),
             np.concatenate([[0.0], counts]),
@@ -178,7 +188,7 @@ def _plot_inflight(ctx: _Ctx) -> Figure:
         workers = ctx.summary["run"].get("workers")
         if workers and workers != slots:
             ax.axhline(workers, color="#999999", linestyle=":", linewidth=1, label=f"workers ({workers})")
-        ax.set_xlim(0, _time_end(ctx))
+        ax.set_xlim(0, time_end(ctx))
         ax.set_ylim(0, max(float(counts.max()), float(slots or 0), float(workers or 0)) * 1.12 + 0.5)
         ax.set_title(title, loc="left", fontweight="bold")
         ax.set_xlabel(ctx.time_label)
@@ -198,15 +208,15 @@ def bin_width_s(span_s: float, max_bins: int = 60) -> float:
     return float(math.ceil(span_s / max_bins))
 
 
-def _plot_throughput(ctx: _Ctx) -> Figure:
+def plot_throughput(ctx: PlotContext) -> Figure:
     title = "Throughput"
     finished = ctx.rel("finished_at") * ctx.unit_s  # seconds
     ok = (ctx.df["status"] == "ok").to_numpy()
     has = np.isfinite(finished)
-    with _figure(6.2, 4.4, rows=2, sharex=True) as (fig, (ax, ax2)):
+    with new_figure(6.2, 4.4, rows=2, sharex=True) as (fig, (ax, ax2)):
         if not has.any():
-            return _placeholder(title, "no request finished")
-        span = _time_end(ctx) * ctx.unit_s
+            return placeholder(title, "no request finished")
+        span = time_end(ctx) * ctx.unit_s
         width = bin_width_s(span, max_bins=int(np.clip(has.sum() / 4, 8, 60)))
         edges = np.arange(0.0, span + width, width)
         ok_counts, _ = np.histogram(finished[has & ok], bins=edges)

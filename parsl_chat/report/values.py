@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = []
+__all__ = ["as_number", "iso_text", "parse_time", "percentiles_of", "safe_ratio"]
 
 
-def _num(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """A JSON-safe float: ``None`` for missing, NaN or infinite values."""
     if value is None or value is pd.NA or value is pd.NaT:
         return None
@@ -23,19 +23,19 @@ def _num(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+def safe_ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return numerator / denominator
 
 
-def _iso(stamp: Any) -> str | None:
+def iso_text(stamp: Any) -> str | None:
     if stamp is None or pd.isna(stamp):
         return None
     return pd.Timestamp(stamp).tz_convert("UTC").isoformat().replace("+00:00", "Z")
 
 
-def _parse_time(value: Any) -> pd.Timestamp | None:
+def parse_time(value: Any) -> pd.Timestamp | None:
     """An ISO-8601 string (or datetime) from run.json as a UTC timestamp; ``None`` if absent or bad."""
     if value is None or value == "":
         return None
@@ -48,7 +48,7 @@ def _parse_time(value: Any) -> pd.Timestamp | None:
     return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
-def _percentiles(values: np.ndarray, qs: Mapping[str, float]) -> dict[str, float | None]:
+def percentiles_of(values: np.ndarray, qs: Mapping[str, float]) -> dict[str, float | None]:
     if values.size == 0:
         return {name: None for name in qs}
-    return {name: _num(np.percentile(values, q)) for name, q in qs.items()}
+    return {name: as_number(np.percentile(values, q)) for name, q in qs.items()}

@@ -16,7 +16,7 @@ from ..io.ledger import Ledger
 from ..io.prompts import LineProblem
 from ..progress import RunProgress
 from ..worker.executor import ChunkTask, WorkItem, iso, unfinished_rows
-from .stopping import _Stop
+from .stopping import StopState
 
 log = logging.getLogger("parsl_chat.run")
 
@@ -25,7 +25,7 @@ CHUNK_RETRIES = 3
 CHUNK_MAX_BYTES = 64 << 20
 
 
-def _dispatch(
+def dispatch_chunks(
     *,
     backend: Backend,
     items: Iterator[WorkItem],
@@ -34,7 +34,7 @@ def _dispatch(
     in_flight: int,
     ledger: Ledger,
     progress: RunProgress,
-    stop: _Stop,
+    stop: StopState,
     stop_file: Path,
     deadline: float | None,
     grace_s: float,
@@ -89,7 +89,7 @@ class _Chunks:
         chunk_size: int,
         ledger: Ledger,
         progress: RunProgress,
-        stop: _Stop,
+        stop: StopState,
     ) -> None:
         self.backend, self.items, self.make_task, self.chunk_size = backend, items, make_task, chunk_size
         self.ledger, self.progress, self.stop = ledger, progress, stop
@@ -168,7 +168,7 @@ class _Chunks:
         return True
 
 
-def _note_server_down(cut_short: list[dict[str, Any]], stop: _Stop) -> None:
+def _note_server_down(cut_short: list[dict[str, Any]], stop: StopState) -> None:
     """A model server that is gone (restarts used up, or never back): stop the run, to be resumed."""
     down = next((row for row in cut_short if row.get("error_type") == "server_down"), None)
     if down is not None:
@@ -202,7 +202,7 @@ def _lost_rows(task: ChunkTask, exc: BaseException) -> list[dict[str, Any]]:
     return rows
 
 
-def _invalid_rows(problems: list[LineProblem]) -> list[dict[str, Any]]:
+def invalid_rows(problems: list[LineProblem]) -> list[dict[str, Any]]:
     now = iso(time.time())
     return [
         {

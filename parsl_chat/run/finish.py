@@ -15,16 +15,16 @@ from ..errors import RunInterrupted
 from ..io.ledger import Ledger
 from ..io.rundir import write_run_meta
 from ..serve.supervision import ServerSupervisor
-from .stopping import _Stop
+from .stopping import StopState
 
 log = logging.getLogger("parsl_chat.run")
 
 #: What the end of a run imports (results files, failure count, summary): 0.4-0.5 s the first
 #: time, most of it pandas (through pyarrow.dataset and analysis). Loaded while requests run.
-_END_MODULES = ("parsl_chat.io.results", "pyarrow.compute", "pyarrow.dataset", "pandas", "parsl_chat.analysis")
+END_MODULES = ("parsl_chat.io.results", "pyarrow.compute", "pyarrow.dataset", "pandas", "parsl_chat.analysis")
 
 
-def _on_turn(preload: _Preload, supervisor: ServerSupervisor | None) -> None:
+def every_turn(preload: Preload, supervisor: ServerSupervisor | None) -> None:
     """Every turn of the dispatch loop: the driver's model server kept up, the end's imports started when idle."""
     if supervisor is not None:
         supervisor.check()
@@ -38,7 +38,7 @@ def write_results(run_dir: Path) -> int:
     return write(run_dir)
 
 
-class _Preload:
+class Preload:
     """Imports modules in a daemon thread, while the driver has CPU to spare: what the end of the run needs.
 
     The driver is mostly idle while requests run (Parsl's workers, or in-process requests waiting
@@ -83,14 +83,14 @@ class _Preload:
             self._thread.join()
 
 
-def _close_ledger(ledger: Ledger) -> None:
+def close_ledger(ledger: Ledger) -> None:
     try:
         ledger.close()
     except OSError:
         pass  # the failed write is reported by the results; complete lines are already on disk
 
 
-def _cannot_write(run_dir: Path, exc: OSError, stop: _Stop) -> RunInterrupted:
+def cannot_write(run_dir: Path, exc: OSError, stop: StopState) -> RunInterrupted:
     return RunInterrupted(
         f"cannot write the results in {run_dir}: {exc.strerror} ({stop.reason or 'after the last prompt'}); "
         "every answer recorded so far is in ledger.jsonl",
@@ -98,7 +98,7 @@ def _cannot_write(run_dir: Path, exc: OSError, stop: _Stop) -> RunInterrupted:
     )
 
 
-def _failed_count(run_dir: Path) -> int:
+def failed_count(run_dir: Path) -> int:
     """Rows not ok in results.parquet, read from its one 'status' column."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -107,7 +107,7 @@ def _failed_count(run_dir: Path) -> int:
     return len(status) - int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
 
 
-def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+def write_run_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from ..report import write_summary
 
     write_run_meta(run_dir, meta)
@@ -115,7 +115,7 @@ def _write_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _update_blocks(meta: dict[str, Any], earlier: list[dict[str, Any]], backend: Backend | None, run_dir: Path) -> None:
+def update_run_blocks(meta: dict[str, Any], earlier: list[dict[str, Any]], backend: Backend | None, run_dir: Path) -> None:
     """Keep run.json's block list current: a later ``cleanup`` needs the job ids after a crash."""
     if backend is None:
         return

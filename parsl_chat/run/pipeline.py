@@ -35,41 +35,41 @@ from ..io.rundir import write_run_meta
 from ..progress import RunProgress
 from ..serve.supervision import ServerSupervisor
 from ..worker.executor import ChunkTask, WorkItem, driver_worker_name, iso, where_am_i
-from .dispatch import _dispatch, _invalid_rows
+from .dispatch import dispatch_chunks, invalid_rows
 from .finish import (
-    _END_MODULES,
-    _cannot_write,
-    _close_ledger,
-    _failed_count,
-    _on_turn,
-    _Preload,
-    _update_blocks,
-    _write_summary,
+    END_MODULES,
+    Preload,
+    cannot_write,
+    close_ledger,
+    every_turn,
+    failed_count,
+    update_run_blocks,
     write_results,
+    write_run_summary,
 )
 from .options import RunOptions, RunOutcome
 from .plan import (
     NODE_LOCAL_ENDPOINT,
-    _dry_run,
-    _effective_concurrency,
-    _work_items,
     chunk_size,
+    dry_run,
+    effective_concurrency,
     endpoint_and_server,
     slots_per_worker,
+    work_items,
 )
 from .prepare import (
-    _check_resume,
-    _check_writable,
-    _clean_previous_driver,
-    _prepare_dir,
-    _prompts_path,
-    _resolve_settings,
-    _setup_logging,
     cache_notes,
+    check_resume,
+    check_writable,
+    clean_previous_driver,
     prepare_cache,
+    prepare_dir,
+    resolve_settings,
+    resolved_prompts_path,
     run_id_for,
+    setup_logging,
 )
-from .stopping import _install_signals, _restore_signals, _Stop, _walltime_deadline
+from .stopping import StopState, install_signals, restore_signals, walltime_deadline
 
 if TYPE_CHECKING:
     from ..serve.server import ModelServer
@@ -78,11 +78,11 @@ log = logging.getLogger("parsl_chat.run")
 
 
 def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunOutcome:
-    run_dir, previous = _prepare_dir(opts)
+    run_dir, previous = prepare_dir(opts)
     if not opts.dry_run:
-        _check_writable(run_dir)
-    settings = _resolve_settings(opts, previous)
-    prompts_path = _prompts_path(opts, run_dir, previous)
+        check_writable(run_dir)
+    settings = resolve_settings(opts, previous)
+    prompts_path = resolved_prompts_path(opts, run_dir, previous)
     source = PromptSource(prompts_path, max_line_bytes=settings.run.limits.max_line_bytes)
     scanned = scan(source)
     if not scanned.ok and not opts.skip_invalid:
@@ -108,9 +108,9 @@ def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunO
 
     workers = settings.profile.workers if opts.no_parsl else total_workers(settings.profile)
     if opts.dry_run:
-        return _dry_run(console, settings, agents, scanned, opts, how, run_dir)
+        return dry_run(console, settings, agents, scanned, opts, how, run_dir)
 
-    handler = _setup_logging(run_dir, settings, debug)
+    handler = setup_logging(run_dir, settings, debug)
     try:
         run = _Run(opts, console, settings, run_dir, previous, source, scanned, agents, router, workers, how, opts.no_parsl)
         return _run(run)
@@ -141,7 +141,7 @@ class _Run:
     slots: list[int] = field(default_factory=list)  # per agent, in each worker
     cache: CacheConfig | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # run.json
-    stop: _Stop = field(init=False)
+    stop: StopState = field(init=False)
     server: ModelServer | None = None  # the driver's own model server
     supervisor: ServerSupervisor | None = None
     backend: Backend | None = None
@@ -155,7 +155,7 @@ class _Run:
         return self.run_dir / ".stop"
 
     def update_blocks(self) -> None:
-        _update_blocks(self.meta, self.earlier, self.backend, self.run_dir)
+        update_run_blocks(self.meta, self.earlier, self.backend, self.run_dir)
 
     def end_backend(self) -> None:
         """Shut the backend down (Parsl: its blocks too), note when the blocks ended, stop the driver's model server."""
@@ -173,26 +173,26 @@ class _Run:
 def _run(run: _Run) -> RunOutcome:
     _check_resumed(run)
     _record_start(run)
-    run.stop = _Stop(run.stop_file)
-    preload = _Preload(_END_MODULES)
-    previous_handlers = _install_signals(run.stop)
+    run.stop = StopState(run.stop_file)
+    preload = Preload(END_MODULES)
+    previous_handlers = install_signals(run.stop)
     ledger = Ledger(run.run_dir / "ledger.jsonl").open()
     try:
         _start_backend(run)
         _dispatch_all(run, ledger, preload)
         if run.skipped:
-            ledger.append(_invalid_rows(run.skipped))
+            ledger.append(invalid_rows(run.skipped))
     except KeyboardInterrupt:
         run.stop.reason = run.stop.reason or "interrupted"
         run.stop.hard = True
     except BaseException:
-        _close_ledger(ledger)
+        close_ledger(ledger)
         run.end_backend()
         raise
     try:
         count, failed, allowed, summary = _finish(run, ledger, preload)
     finally:
-        _restore_signals(previous_handlers)
+        restore_signals(previous_handlers)
     return _verdict(run, count, failed, allowed, summary)
 
 
@@ -205,14 +205,14 @@ def _check_resumed(run: _Run) -> None:
     run.index = LedgerIndex.load(run.run_dir / "ledger.jsonl") if opts.resume is not None else None
     if run.index is None:
         return
-    changes = _check_resume(run.source, run.index, previous, run.agents)
+    changes = check_resume(run.source, run.index, previous, run.agents)
     if changes and not opts.force:
         raise InputError(
             f"{run.run_dir}: the prompts or models changed since this run started; nothing was sent",
             changes,
             hint="resume with the original prompts file and config, or add --force to answer the changed prompts anew",
         )
-    _clean_previous_driver(previous, run.console)
+    clean_previous_driver(previous, run.console)
 
 
 def _record_start(run: _Run) -> None:
@@ -222,7 +222,7 @@ def _record_start(run: _Run) -> None:
         log.info(note)
         run.console.print(f"note: {note}", markup=False, highlight=False)
     run.slots = slots_per_worker(run.agents, run.workers, run.in_process)
-    run.agents = _effective_concurrency(run.agents, run.slots, run.workers, run.in_process, run.console)
+    run.agents = effective_concurrency(run.agents, run.slots, run.workers, run.in_process, run.console)
     (run.run_dir / "config.yaml").write_text(yaml.safe_dump(run.settings.as_dict(redact=True), sort_keys=False))
     run.stop_file.unlink(missing_ok=True)
     run.meta = _start_meta(run)
@@ -311,11 +311,11 @@ def _start_driver_server(run: _Run) -> None:
     run.meta["agents"] = [a.describe() for a in run.agents]
 
 
-def _dispatch_all(run: _Run, ledger: Ledger, preload: _Preload) -> None:
+def _dispatch_all(run: _Run, ledger: Ledger, preload: Preload) -> None:
     """Every prompt still to answer, in chunks, until done or stopped."""
     opts, settings, index, backend = run.opts, run.settings, run.index, run.backend
     assert backend is not None
-    deadline = _walltime_deadline()
+    deadline = walltime_deadline()
     total = run.scanned.valid - (len(index) if index is not None else 0)
     if index is not None and opts.retry_failed:
         total += index.failed
@@ -338,9 +338,9 @@ def _dispatch_all(run: _Run, ledger: Ledger, preload: _Preload) -> None:
         )
 
     with RunProgress(max(total, 0), console=run.console, quiet=opts.quiet) as progress:
-        _dispatch(
+        dispatch_chunks(
             backend=backend,
-            items=_work_items(run.source, run.scanned, index, opts.retry_failed, opts.force, run.router, run.skipped),
+            items=work_items(run.source, run.scanned, index, opts.retry_failed, opts.force, run.router, run.skipped),
             make_task=make_task,
             chunk_size=size,
             in_flight=max(2, 2 * run.workers),
@@ -351,11 +351,11 @@ def _dispatch_all(run: _Run, ledger: Ledger, preload: _Preload) -> None:
             deadline=deadline,
             grace_s=opts.grace_s,
             on_tick=run.update_blocks,
-            on_turn=lambda: _on_turn(preload, run.supervisor),
+            on_turn=lambda: every_turn(preload, run.supervisor),
         )
 
 
-def _finish(run: _Run, ledger: Ledger, preload: _Preload) -> tuple[int, int, int, dict[str, Any]]:
+def _finish(run: _Run, ledger: Ledger, preload: Preload) -> tuple[int, int, int, dict[str, Any]]:
     """(rows, failed, failures allowed, summary): results files, then run.json's final status and the summary.
 
     Every row is in the ledger once dispatch returns: close it, then write the results files
@@ -365,7 +365,7 @@ def _finish(run: _Run, ledger: Ledger, preload: _Preload) -> tuple[int, int, int
     a batch job's warning that arrives now (seen: during Parsl's shutdown) must not kill the driver mid-write.
     """
     run_dir, stop, meta = run.run_dir, run.stop, run.meta
-    _close_ledger(ledger)
+    close_ledger(ledger)
     shutting_down = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parsl-chat-shutdown")
     ending = shutting_down.submit(run.end_backend)
     shutting_down.shutdown(wait=False)  # no more work for it; result() below waits for this one
@@ -373,12 +373,12 @@ def _finish(run: _Run, ledger: Ledger, preload: _Preload) -> tuple[int, int, int
         preload.wait()
         count = write_results(run_dir)
     except OSError as exc:
-        raise _cannot_write(run_dir, exc, stop) from None
+        raise cannot_write(run_dir, exc, stop) from None
     finally:
         ending.result()  # run.json and the summary need the blocks' ended_at
     meta["finished_at"] = iso(time.time())
     try:
-        failed = _failed_count(run_dir)
+        failed = failed_count(run_dir)
         prompts = run.scanned.valid + len(run.skipped)
         max_count, max_share = parse_max_failures(run.settings.run.max_failures)
         allowed = max_count if max_count is not None else math.floor((max_share or 0) * prompts)
@@ -386,9 +386,9 @@ def _finish(run: _Run, ledger: Ledger, preload: _Preload) -> tuple[int, int, int
         meta["status"] = "interrupted" if interrupted else "failed" if failed > allowed else "complete"
         meta["unfinished"] = prompts - count if interrupted else 0  # not failed: the resume sends them
         meta["stop_reason"] = stop.reason
-        summary = _write_summary(run_dir, meta)  # once, with the final status: it reads every row
+        summary = write_run_summary(run_dir, meta)  # once, with the final status: it reads every row
     except OSError as exc:
-        raise _cannot_write(run_dir, exc, stop) from None
+        raise cannot_write(run_dir, exc, stop) from None
     return count, failed, allowed, summary
 
 

@@ -56,7 +56,7 @@ def slots_per_worker(agents: list[AgentSpec], workers: int, in_process: bool) ->
     return [max(1, round(a.concurrency / workers)) for a in agents]
 
 
-def _effective_concurrency(
+def effective_concurrency(
     agents: list[AgentSpec], slots: list[int], workers: int, in_process: bool, console: Console
 ) -> list[AgentSpec]:
     """Each worker process gets a whole number of slots per agent: say so when that changes the limit."""
@@ -76,7 +76,7 @@ def _effective_concurrency(
     return out
 
 
-def _work_items(
+def work_items(
     source: PromptSource,
     scanned: ScanResult,
     index: LedgerIndex | None,
@@ -120,7 +120,7 @@ def _done(index: LedgerIndex, custom_id: str, digest: str, retry_failed: bool, f
     return ok or not retry_failed
 
 
-def _dry_run(
+def dry_run(
     console: Console,
     settings: Settings,
     agents: list[AgentSpec],

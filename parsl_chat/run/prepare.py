@@ -40,7 +40,7 @@ def new_run_dir(base: Path = Path("runs")) -> Path:
     return base / f"{stamp}-{secrets.token_hex(3)}"
 
 
-def _prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
+def prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
     """The run directory (new or resumed) and, when resuming, its previous run.json."""
     if opts.resume is not None:
         return opts.resume, read_run_meta(opts.resume)
@@ -53,7 +53,7 @@ def _prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
     return run_dir, {}
 
 
-def _check_writable(run_dir: Path) -> None:
+def check_writable(run_dir: Path) -> None:
     try:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -82,7 +82,7 @@ class _SecretFilter(logging.Filter):
         return True
 
 
-def _setup_logging(run_dir: Path, settings: Settings, debug: bool) -> logging.Handler:
+def setup_logging(run_dir: Path, settings: Settings, debug: bool) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "logs" / "parsl-chat.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_SecretFilter(_secret_values(settings)))
@@ -98,7 +98,7 @@ def _secret_values(settings: Settings) -> list[str]:
     return values
 
 
-def _resolve_settings(opts: RunOptions, previous: dict[str, Any]) -> Settings:
+def resolve_settings(opts: RunOptions, previous: dict[str, Any]) -> Settings:
     saved = previous.get("options", {})
     profile = opts.profile or saved.get("profile") or "local"
     config_file = opts.config_file or saved.get("config_file")
@@ -106,7 +106,7 @@ def _resolve_settings(opts: RunOptions, previous: dict[str, Any]) -> Settings:
     return load_settings(profile, config_file, cli)
 
 
-def _prompts_path(opts: RunOptions, run_dir: Path, previous: dict[str, Any]) -> Path:
+def resolved_prompts_path(opts: RunOptions, run_dir: Path, previous: dict[str, Any]) -> Path:
     given = opts.prompts
     if given is None:
         if not previous.get("prompts_file"):
@@ -117,7 +117,7 @@ def _prompts_path(opts: RunOptions, run_dir: Path, previous: dict[str, Any]) -> 
     return Path(given).resolve()
 
 
-def _check_resume(source: PromptSource, index: LedgerIndex, previous: dict[str, Any], agents: list[AgentSpec]) -> list[str]:
+def check_resume(source: PromptSource, index: LedgerIndex, previous: dict[str, Any], agents: list[AgentSpec]) -> list[str]:
     """What changed since the run started: prompts (by content hash) and models."""
     changes = []
     changed = 0
@@ -150,7 +150,7 @@ def cache_notes(cfg: CacheConfig | None, agent_params: dict[str, dict[str, Any]]
     return plan_notes(cfg, agent_params)
 
 
-def _clean_previous_driver(previous: dict[str, Any], console: Console) -> None:
+def clean_previous_driver(previous: dict[str, Any], console: Console) -> None:
     """A driver killed with SIGKILL leaves its Parsl processes and scheduler jobs behind: end them first."""
     from ..backends.cleanup import kill_orphans
     from ..backends.targets import TARGETS

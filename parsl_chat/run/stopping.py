@@ -18,7 +18,7 @@ from ..errors import ParslChatError
 log = logging.getLogger("parsl_chat.run")
 
 
-class _Stop:
+class StopState:
     """Set by signals, the walltime watch and a model server that is gone; read by the dispatch loop.
 
     Requesting a stop also creates ``stop_file``, which workers read: they start nothing
@@ -45,7 +45,7 @@ class _Stop:
                 pass
 
 
-def _walltime_deadline() -> float | None:
+def walltime_deadline() -> float | None:
     """Monotonic time by which dispatch must stop to exit cleanly inside a SLURM job."""
     left = slurm_time_left_s()
     if left is None:
@@ -59,7 +59,7 @@ def _walltime_deadline() -> float | None:
     return time.monotonic() + left - margin
 
 
-def _install_signals(stop: _Stop) -> dict[int, Any]:
+def install_signals(stop: StopState) -> dict[int, Any]:
     previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -106,6 +106,6 @@ def _detach_from_terminal() -> None:
         os.close(devnull)
 
 
-def _restore_signals(previous: dict[int, Any]) -> None:
+def restore_signals(previous: dict[int, Any]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from .._secrets import SECRET_WORDS
 
-__all__ = ["describe_exit", "illegal_instruction", "launch_log", "llama_build_features", "log_tail", "unsupported_features"]
+__all__ = [
+    "LAUNCH_MARK",
+    "describe_exit",
+    "illegal_instruction",
+    "launch_log",
+    "llama_build_features",
+    "log_tail",
+    "unsupported_features",
+]
 
 _SIGNAL_WORDS = {
     signal.SIGILL: "illegal instruction: the binary does not support this CPU",
@@ -38,7 +46,7 @@ _CPU_FLAGS = {
 }  # fmt: skip
 _SYSTEM_INFO = re.compile(r"CPU : ((?:\w+ = \w+ \| ?)+)")
 
-_LAUNCH_MARK = "--- parsl-chat: starting"
+LAUNCH_MARK = "--- parsl-chat: starting"
 _TAIL_LINES = 15
 
 
@@ -86,8 +94,8 @@ def launch_log(path: Path | None) -> str:
             data = fh.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    if _LAUNCH_MARK in data:  # logs are appended to across restarts: only this launch counts
-        data = data[data.rindex(_LAUNCH_MARK) :]
+    if LAUNCH_MARK in data:  # logs are appended to across restarts: only this launch counts
+        data = data[data.rindex(LAUNCH_MARK) :]
     return data
 
 

@@ -24,7 +24,7 @@ from ..config import ServerConfig
 from ..errors import ServerError, ServerLost
 from .crash import log_tail
 from .health import accepts_connections
-from .server import _STOP_GRACE_S, ModelServer, node_name
+from .server import STOP_GRACE_S, ModelServer, node_name
 
 __all__ = ["keep_crash_log", "node_server", "node_state_dir", "stop_node_server"]
 
@@ -156,7 +156,7 @@ def keep_crash_log(crash_dir: Path | None, node: str, number: int, what: str, ta
     return path
 
 
-def _kill_recorded(state: dict[str, Any], grace_s: float = _STOP_GRACE_S) -> bool:
+def _kill_recorded(state: dict[str, Any], grace_s: float = STOP_GRACE_S) -> bool:
     """Stop a server recorded in server.json that may belong to another process."""
     pid = int(state["pid"])
     start_time = state.get("start_time")

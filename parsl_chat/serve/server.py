@@ -45,7 +45,7 @@ from ..config import ServerConfig
 from ..core.llama_build import EmbeddedPlan, embedded_plan
 from ..errors import ServerError
 from .crash import (
-    _LAUNCH_MARK,
+    LAUNCH_MARK,
     describe_exit,
     illegal_instruction,
     launch_log,
@@ -71,6 +71,7 @@ __all__ = [
     "MODEL_FILE",
     "MODEL_HINT",
     "MODEL_PACKAGE",
+    "STOP_GRACE_S",
     "ModelServer",
     "accepts_connections",
     "describe_exit",
@@ -85,7 +86,7 @@ __all__ = [
 logger = logging.getLogger("parsl_chat.serve.server")
 
 _POLL_S = 0.1
-_STOP_GRACE_S = 5.0
+STOP_GRACE_S = 5.0
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -215,7 +216,7 @@ class ModelServer:
     def _launch(self, argv: list[str], program: str, base: str, log_path: Path) -> None:
         """Start the child, its output appended to ``log_path`` after a line that marks this launch."""
         with open(log_path, "ab") as log:
-            log.write(f"{_LAUNCH_MARK} {program} on {self.node} at {base}\n".encode())
+            log.write(f"{LAUNCH_MARK} {program} on {self.node} at {base}\n".encode())
             if self.plan is not None and self.plan.build is not None and self.plan.build.system_info:
                 # what llama_cpp.server's shim prints itself: build features, and a SIGILL's diagnosis
                 log.write(f"parsl-chat: llama.cpp build: {self.plan.build.system_info}\n".encode())
@@ -331,7 +332,7 @@ class ModelServer:
 
     # ----------------------------------------------------------------- stop
 
-    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM the process group, wait up to ``grace_s``, then SIGKILL. Idempotent.
 
         Uses only timed waits, so calling it again from a signal handler while a first
