@@ -6,7 +6,7 @@ add their own. :class:`ProfileConfig` is all of them at once (what the rest of
 the code is handed); a profile file may set a target's own keys only when its
 ``executor`` is that target (:func:`executors_taking`). The targets themselves
 live in ``backends/targets/`` (a layer above), one module per class here;
-tests/test_targets.py checks that the two agree.
+tests/backends/test_targets.py checks that the two agree.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A result row as Python code passes it around: :class:`Row`, one key per column of ``results.SCHEMA``.
 
 The ledger holds the same rows as JSON lines (timestamps as ISO strings), plus
-the prompt's content ``digest`` (:class:`LedgerRow`). tests/test_results.py
+the prompt's content ``digest`` (:class:`LedgerRow`). tests/io/test_results.py
 checks that the keys here are the schema's columns, so the two move together.
 Rows are partial (every key optional): an ``invalid`` or ``unfinished`` row has only some.
 """

@@ -7,7 +7,7 @@ To add a target (PBS Pro, LSF, Flux: Parsl has providers for all three): write
 one module here with a class that has every member of :class:`Target`, add one
 line to :data:`TARGETS`, and write its profile class in
 ``parsl_chat/config/profiles.py`` (its ``EXECUTOR`` and the keys only it takes;
-listed in ``PROFILES`` and as a base of ``ProfileConfig``); tests/test_targets.py
+listed in ``PROFILES`` and as a base of ``ProfileConfig``); tests/backends/test_targets.py
 checks that config and the registry agree.
 """
 

@@ -476,7 +476,7 @@ def test_module_prints_exactly_one_ready_line(tmp_path: Path) -> None:
     """``python -m parsl_chat.serve.simulated``: one URL line on stdout, then serves until SIGTERM."""
     import subprocess
 
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     proc = subprocess.Popen(
         [sys.executable, "-m", "parsl_chat.serve.simulated", "--model", "cli"],
         cwd=root,

@@ -20,7 +20,7 @@ import pytest
 from parsl_chat.serve import crash, embedded
 from parsl_chat.serve import server as srv
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install"
 #: what scripts/install's portable build (GGML_NATIVE=OFF) may use; llama.cpp's names
 PORTABLE = {"SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2", "NEON"}

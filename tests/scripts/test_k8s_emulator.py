@@ -29,7 +29,7 @@ ApiException = client.ApiException
 if TYPE_CHECKING:
     from kubernetes.client import V1Pod
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "k8s-emulator"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "k8s-emulator"
 
 pytestmark = [
     pytest.mark.kubernetes,

@@ -27,7 +27,7 @@ from parsl_chat.serve import server as srv
 from parsl_chat.serve.node import node_server, node_state_dir, stop_node_server
 from parsl_chat.serve.server import ModelServer, describe_exit, server_command
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PY = shlex.quote(sys.executable)
 HTTP_SERVER = f"{PY} -u -m http.server {{port}} --bind {{host}}"
 SYSTEM = "You are a helpful assistant. Answer concisely."

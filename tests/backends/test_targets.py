@@ -13,7 +13,7 @@ from parsl_chat.config import EXECUTORS, PROFILES, BaseProfile, ProfileConfig, e
 from parsl_chat.errors import ConfigError, ExecutorError
 from parsl_chat.io.rundir import write_run_meta
 
-PACKAGE = Path(__file__).resolve().parent.parent / "parsl_chat"
+PACKAGE = Path(__file__).resolve().parents[2] / "parsl_chat"
 
 
 def test_every_executor_in_config_has_a_target_and_no_other() -> None:

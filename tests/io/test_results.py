@@ -118,13 +118,8 @@ def test_schema_is_the_spec_then_extensions() -> None:
 
 
 def test_runfactory_schema_agrees() -> None:
-    import sys
+    import runfactory  # tests/ is on sys.path: conftest.py lives there
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        import runfactory
-    finally:
-        sys.path.pop(0)
     assert runfactory.SCHEMA.equals(SCHEMA)
 
 

@@ -26,7 +26,7 @@ from parsl_chat.core.agents import UNFINISHED, AgentSpec
 from parsl_chat.worker.executor import ChunkTask, WorkItem, unfinished_rows
 
 BACKENDS = ("inprocess", "parsl-local", "warmstart")
-PACKAGE = Path(__file__).resolve().parent.parent / "parsl_chat"
+PACKAGE = Path(__file__).resolve().parents[2] / "parsl_chat"
 
 
 def _parsl_local(tmp_path: Path, workers: int) -> ParslBackend:
