@@ -139,7 +139,11 @@ def _cli_settings(**kw: Any) -> dict[str, Any]:
 @click.argument("prompts", required=False)
 @_settings_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default runs/<UTC time>-<id>).")
-@click.option("--no-parsl", is_flag=True, help="Run the same pipeline in this process, without Parsl.")
+@click.option(
+    "--no-parsl/--parsl",
+    default=None,
+    help="Run the same pipeline in this process, without Parsl (a --resume keeps the run's choice unless given).",
+)
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="Finish an earlier run in RUN_DIR.")
 @click.option("--retry-failed", is_flag=True, help="With --resume: send prompts that ended in error again.")
 @click.option("--force", is_flag=True, help="With --resume: accept changed prompts or models.")

@@ -19,7 +19,7 @@ class RunOptions:
     config_file: str | None = None
     out: Path | None = None
     resume: Path | None = None
-    no_parsl: bool = False
+    no_parsl: bool | None = None  # None: a new run uses Parsl, a resume does what the run did
     dry_run: bool = False
     skip_invalid: bool = False
     retry_failed: bool = False

@@ -67,6 +67,7 @@ from .prepare import (
     resolve_settings,
     resolved_prompts_path,
     run_id_for,
+    runs_in_process,
     setup_logging,
 )
 from .stopping import StopState, install_signals, restore_signals, walltime_deadline
@@ -79,6 +80,7 @@ log = logging.getLogger("parsl_chat.run")
 
 def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunOutcome:
     run_dir, previous = prepare_dir(opts)
+    opts = replace(opts, no_parsl=runs_in_process(opts, previous))
     if not opts.dry_run:
         check_writable(run_dir)
     settings = resolve_settings(opts, previous)
@@ -112,7 +114,7 @@ def execute_run(opts: RunOptions, console: Console, debug: bool = False) -> RunO
 
     handler = setup_logging(run_dir, settings, debug)
     try:
-        run = _Run(opts, console, settings, run_dir, previous, source, scanned, agents, router, workers, how, opts.no_parsl)
+        run = _Run(opts, console, settings, run_dir, previous, source, scanned, agents, router, workers, how, bool(opts.no_parsl))
         return _run(run)
     finally:
         logging.getLogger("parsl_chat").removeHandler(handler)
@@ -262,6 +264,7 @@ def _start_meta(run: _Run) -> dict[str, Any]:
         "options": {
             "profile": opts.profile or saved.get("profile") or "local",
             "config_file": str(Path(opts.config_file).resolve()) if opts.config_file else saved.get("config_file"),
+            "no_parsl": run.in_process,
             "cli": {**saved.get("cli", {}), **{k: v for k, v in opts.cli_settings.items() if v is not None}},
         },
     }

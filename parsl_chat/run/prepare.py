@@ -53,6 +53,14 @@ def prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
     return run_dir, {}
 
 
+def runs_in_process(opts: RunOptions, previous: dict[str, Any]) -> bool:
+    """``--no-parsl`` as given, else what the resumed run did (an older run.json says it only as its executor)."""
+    if opts.no_parsl is not None:
+        return opts.no_parsl
+    saved = previous.get("options", {}).get("no_parsl")
+    return bool(saved) if saved is not None else previous.get("executor") == "in-process"
+
+
 def check_writable(run_dir: Path) -> None:
     try:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)

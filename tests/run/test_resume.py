@@ -102,6 +102,9 @@ def test_sigterm_stops_cleanly_with_exit_3_and_resumes(sim_server, tmp_path: Pat
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == 400 and df.custom_id.is_unique
     assert len(server.requests()) == 400  # nothing answered twice
+    # the resume, not told --no-parsl again, ran as the run did: in this process, no Parsl started
+    assert json.loads((out / "run.json").read_text())["executor"] == "in-process"
+    assert not (out / "logs" / "parsl").exists()
 
 
 def test_second_ctrl_c_stops_at_once_and_ledger_stays_valid(sim_server, tmp_path: Path) -> None:
@@ -379,3 +382,21 @@ def test_terminal_hang_up_stops_the_run_cleanly_and_it_resumes(sim_server, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == 600 and df.custom_id.is_unique
+
+
+@pytest.mark.parametrize(
+    ("given", "previous", "expected"),
+    [
+        (None, {}, False),  # a new run: Parsl
+        (True, {}, True),
+        (None, {"options": {"no_parsl": True}}, True),  # a resume keeps the run's choice
+        (False, {"options": {"no_parsl": True}}, False),  # unless told --parsl
+        (None, {"executor": "in-process", "options": {}}, True),  # a run.json from before the option was saved
+        (None, {"executor": "local", "options": {}}, False),
+    ],
+)
+def test_a_resume_runs_where_the_run_ran_unless_told(given: bool | None, previous: dict, expected: bool) -> None:
+    from parsl_chat.run.options import RunOptions
+    from parsl_chat.run.prepare import runs_in_process
+
+    assert runs_in_process(RunOptions(prompts=None, no_parsl=given), previous) is expected
