@@ -65,11 +65,12 @@ def cmd_batch(session: ChatSession, arg: str) -> None:
 def _backend_label(session: ChatSession) -> str:
     if session.cfg.no_parsl:
         return f"in-process backend ({session.settings.profile.workers} workers)"
-    return f"Parsl ({session.settings.profile.executor}, {session._backend.workers if session._backend else '?'} workers)"
+    workers = session.batch_backend.workers if session.batch_backend else "?"
+    return f"Parsl ({session.settings.profile.executor}, {workers} workers)"
 
 
 def _batch_backend(session: ChatSession) -> Backend:
-    if session._backend is None:
+    if session.batch_backend is None:
         if session.cfg.no_parsl:
             backend: Backend = InProcessBackend(session.settings.profile.workers)
         else:
@@ -78,8 +79,8 @@ def _batch_backend(session: ChatSession) -> Backend:
             session.note(f"starting Parsl ({session.settings.profile.executor} profile) for /batch ...")
             backend = ParslBackend(session.settings.profile, session.run_id, session.cfg.runtime_dir / "parsl")
         backend.start()
-        session._backend = backend
-    return session._backend
+        session.batch_backend = backend
+    return session.batch_backend
 
 
 def _batch_agents(session: ChatSession) -> list[AgentSpec]:

@@ -79,7 +79,7 @@ def cmd_agent(session: ChatSession, arg: str) -> None:
 
 
 def cmd_agents(session: ChatSession, arg: str) -> None:
-    health = session._loop.run(_health(session))
+    health = session.loop.run(_health(session))
     table = Table("agent", "model", "endpoint", "slots", "weight", "context", "requests", "health", box=None, pad_edge=False)
     for a in session.agents:
         n = sum(1 for r in session.requests if r.agent == a.name)
@@ -108,7 +108,7 @@ async def _health(session: ChatSession) -> dict[str, str]:
             return "started per node by /batch"
         t0 = time.monotonic()
         try:
-            resp = await session._loop.client.get(f"{endpoint}/models", headers=headers[endpoint], timeout=HEALTH_TIMEOUT_S)
+            resp = await session.loop.client.get(f"{endpoint}/models", headers=headers[endpoint], timeout=HEALTH_TIMEOUT_S)
         except httpx.TimeoutException:
             return f"down: no answer within {HEALTH_TIMEOUT_S:g} s"
         except httpx.HTTPError as exc:

@@ -83,8 +83,8 @@ class ChatSession:
         self.pinned: str | None = None
         self.batches = 0
         self.created_at = now_iso()
-        self._loop = RequestLoop()
-        self._backend: Backend | None = None
+        self.loop = RequestLoop()  # one event loop and HTTP client for every single-prompt turn
+        self.batch_backend: Backend | None = None  # started by the first /batch, kept for the next
         self._secrets = [a.api_key.reveal() for a in self.agents if a.api_key is not None and a.api_key.reveal()]
         self.commands: dict[str, Command] = {
             "help": Command(partial(commands.cmd_help, self), "/help", "list the commands"),
@@ -228,7 +228,7 @@ class ChatSession:
         answer = Answer(self, agent.name)
         failure: tuple[str, str] | None = None
         try:
-            self._loop.run(self._stream(agent, messages, answer))
+            self.loop.run(self._stream(agent, messages, answer))
         except RequestFailure as exc:
             failure = (exc.error_type, http_message(str(exc)))
         except KeyboardInterrupt:
@@ -262,7 +262,7 @@ class ChatSession:
             self.note(f"  ({s.tokens} tokens in {took:.2f} s, {s.tokens / max(took, 1e-9):.1f} tokens/s)")
 
     async def _stream(self, agent: AgentSpec, messages: list[dict[str, Any]], answer: Answer) -> None:
-        async for event in stream_chat(self._loop.client, agent, messages, timeout_s=self.settings.run.limits.timeout_s):
+        async for event in stream_chat(self.loop.client, agent, messages, timeout_s=self.settings.run.limits.timeout_s):
             if "delta" in event:
                 answer.add(event["delta"])
             else:
@@ -271,9 +271,9 @@ class ChatSession:
     # ------------------------------------------------------------------ the end
 
     def close(self) -> None:
-        backend, self._backend = self._backend, None
+        backend, self.batch_backend = self.batch_backend, None
         try:
             if backend is not None:
                 backend.shutdown()
         finally:
-            self._loop.close()
+            self.loop.close()
