@@ -13,6 +13,7 @@ import pandas as pd
 __all__ = [
     "COMPARISON_HEADERS",
     "DASH",
+    "LATENCY_HEADERS",
     "MAX_TERMINAL_ROWS",
     "UNFINISHED_DETAIL",
     "cache_brief",
@@ -22,6 +23,7 @@ __all__ = [
     "fmt_num",
     "fmt_pct",
     "fmt_s",
+    "latency_rows",
     "natural_key",
     "now_utc",
     "share_of",
@@ -117,6 +119,21 @@ def when_text(iso: str | None, *, clock: bool = False) -> str:
     if not iso:
         return "?"
     return pd.Timestamp(iso).tz_convert("UTC").strftime("%H:%M:%S" if clock else "%Y-%m-%d %H:%M:%S UTC")
+
+
+LATENCY_HEADERS = ("", "p50", "p95", "p99", "mean", "max", "n")
+
+
+def latency_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    """The latency table's rows, for the terminal and the HTML report: ok latency, then queue wait (no p99 kept)."""
+    latency, queue = summary["latency_s"], summary["queue_s"]
+    rows = []
+    if latency:
+        rows.append(["latency (ok)", *(fmt_s(latency[k]) for k in ("p50", "p95", "p99", "mean", "max")), fmt_int(latency["n"])])
+    if queue:
+        p50, p95, mean, longest = (fmt_s(queue[k]) for k in ("p50", "p95", "mean", "max"))
+        rows.append(["queue wait", p50, p95, DASH, mean, longest, fmt_int(queue["n"])])
+    return rows
 
 
 def now_utc() -> str:

@@ -20,6 +20,7 @@ import pandas as pd
 from .figures import PlotContext, img_html, plot_context
 from .format import (
     DASH,
+    LATENCY_HEADERS,
     MAX_TERMINAL_ROWS,
     UNFINISHED_DETAIL,
     cache_brief,
@@ -28,6 +29,7 @@ from .format import (
     fmt_num,
     fmt_pct,
     fmt_s,
+    latency_rows,
     natural_key,
     now_utc,
     share_of,
@@ -133,24 +135,9 @@ def _resource_cards(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _latency_html(summary: Mapping[str, Any]) -> str:
-    lat, queue = summary["latency_s"], summary["queue_s"]
-    rows = []
-    if lat:
-        rows.append(["latency (ok)", *(fmt_s(lat[k]) for k in ("p50", "p95", "p99", "mean", "max")), fmt_int(lat["n"])])
-    if queue:
-        rows.append(
-            [
-                "queue wait",
-                fmt_s(queue["p50"]),
-                fmt_s(queue["p95"]),
-                DASH,
-                fmt_s(queue["mean"]),
-                fmt_s(queue["max"]),
-                fmt_int(queue["n"]),
-            ]
-        )
-    out = html_table(["", "p50", "p95", "p99", "mean", "max", "n"], rows) if rows else ""
-    if not lat:
+    rows = latency_rows(summary)
+    out = html_table(list(LATENCY_HEADERS), rows) if rows else ""
+    if not summary["latency_s"]:
         out += '<p class="notes">No successful prompts: latency not available.</p>'
     return out
 

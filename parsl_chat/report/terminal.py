@@ -15,6 +15,7 @@ from rich.table import Table
 from .format import (
     COMPARISON_HEADERS,
     DASH,
+    LATENCY_HEADERS,
     MAX_TERMINAL_ROWS,
     UNFINISHED_DETAIL,
     cache_brief,
@@ -24,6 +25,7 @@ from .format import (
     fmt_num,
     fmt_pct,
     fmt_s,
+    latency_rows,
     natural_key,
     share_of,
     short_list,
@@ -180,26 +182,16 @@ def _structured_table(summary: Mapping[str, Any]) -> list[Any]:
 
 
 def _latency_table(summary: Mapping[str, Any]) -> list[Any]:
-    latency, queue = summary["latency_s"], summary["queue_s"]
     if summary["counts"]["prompts"] == 0:
         return []
     out: list[Any] = []
-    table = _table("Latency and queue wait", "", "p50", "p95", "p99", "mean", "max", "n")
-    if latency:
-        table.add_row("latency (ok)", *(fmt_s(latency[k]) for k in ("p50", "p95", "p99", "mean", "max")), fmt_int(latency["n"]))
-    if queue:
-        table.add_row(
-            "queue wait",
-            fmt_s(queue["p50"]),
-            fmt_s(queue["p95"]),
-            DASH,
-            fmt_s(queue["mean"]),
-            fmt_s(queue["max"]),
-            fmt_int(queue["n"]),
-        )
-    if latency or queue:
+    rows = latency_rows(summary)
+    if rows:
+        table = _table("Latency and queue wait", *LATENCY_HEADERS)
+        for row in rows:
+            table.add_row(*row)
         out.append(table)
-    if not latency:
+    if not summary["latency_s"]:
         out.append("[yellow]No successful prompts: latency not available.[/]")
     return out
 
