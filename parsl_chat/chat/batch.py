@@ -11,7 +11,7 @@ from ..backends.inprocess import InProcessBackend
 from ..core.agents import AgentSpec
 from ..core.routing import Router
 from ..io.prompts import Prompt
-from ..worker.executor import ChunkTask, WorkItem, iso
+from ..worker.executor import ChunkTask, WorkItem, lost_rows
 from .stats import fmt_pct, fmt_s, percentiles, row_stat, summarize_requests
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def _run_batch(session: ChatSession, backend: Backend, texts: list[str]) -> tupl
                 try:
                     got = future.result()
                 except Exception as exc:  # a worker died: its chunk's requests failed
-                    got = _lost(futures[future], exc)
+                    got = lost_rows(futures[future], f"worker lost: {type(exc).__name__}: {exc}")
                 rows += got
                 failed = sum(1 for r in got if r["status"] != "ok")
                 progress.add(len(got) - failed, failed)
@@ -140,20 +140,3 @@ def _run_batch(session: ChatSession, backend: Backend, texts: list[str]) -> tupl
             future.cancel()
         session.problem(f"batch interrupted: {len(rows)} of {len(items)} requests finished")
     return rows, time.time() - started
-
-
-def _lost(task: ChunkTask, exc: BaseException) -> list[dict[str, Any]]:
-    now = iso(time.time())
-    return [
-        {
-            "custom_id": p["custom_id"],
-            "agent": task.agents[item.agent].name if item.agent is not None else None,
-            "status": "error",
-            "error_type": "other",
-            "error": f"worker lost: {type(exc).__name__}: {exc}"[:300],
-            "submitted_at": iso(item.submitted_at),
-            "finished_at": now,
-        }
-        for item in task.items
-        for p in item.prompts
-    ]

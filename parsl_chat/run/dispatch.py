@@ -15,7 +15,7 @@ from ..errors import ServerError, ServerLost
 from ..io.ledger import Ledger
 from ..io.prompts import LineProblem
 from ..progress import RunProgress
-from ..worker.executor import ChunkTask, WorkItem, iso, unfinished_rows
+from ..worker.executor import ChunkTask, WorkItem, iso, lost_rows, unfinished_rows
 from .stopping import StopState
 
 log = logging.getLogger("parsl_chat.run")
@@ -144,7 +144,7 @@ class _Chunks:
                 return True
             if stop:
                 return True  # not recorded, so a resume sends it again
-            rows = _lost_rows(task, exc)
+            rows = lost_rows(task, f"worker lost {CHUNK_RETRIES} times: {type(exc).__name__}: {exc}")
         rows, cut_short = unfinished_rows(rows)
         _note_server_down(cut_short, stop)
         if not stop and len(rows) < sum(len(item.prompts) for item in task.items):
@@ -177,29 +177,6 @@ def _note_server_down(cut_short: list[dict[str, Any]], stop: StopState) -> None:
         stop.request(first, ServerLost(first, rest.splitlines()))
     elif cut_short:
         log.info("%d prompt(s) cut short by the stop or the hand-over were given back", len(cut_short))
-
-
-def _lost_rows(task: ChunkTask, exc: BaseException) -> list[dict[str, Any]]:
-    now = iso(time.time())
-    rows = []
-    for item in task.items:
-        for prompt in item.prompts:
-            rows.append(
-                {
-                    "custom_id": prompt["custom_id"],
-                    "line": prompt["line"],
-                    "conversation": prompt.get("conversation"),
-                    "turn": prompt.get("turn"),
-                    "status": "error",
-                    "error_type": "other",
-                    "error": f"worker lost {CHUNK_RETRIES} times: {type(exc).__name__}: {exc}"[:500],
-                    "attempts": 0,
-                    "submitted_at": iso(item.submitted_at),
-                    "finished_at": now,
-                    "digest": prompt.get("digest"),
-                }
-            )
-    return rows
 
 
 def invalid_rows(problems: list[LineProblem]) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ __all__ = [
     "WorkItem",
     "driver_worker_name",
     "iso",
+    "lost_rows",
     "run_chunk",
     "unfinished_rows",
     "where_am_i",
@@ -270,6 +271,29 @@ def unfinished_rows(rows: list[_AnyRow]) -> tuple[list[_AnyRow], list[_AnyRow]]:
     if len(final) == len(rows):
         return rows, []
     return final, [row for row in rows if row["status"] == UNFINISHED]
+
+
+def lost_rows(task: ChunkTask, why: str) -> list[dict[str, Any]]:
+    """One error row per prompt of a chunk that never came back (its worker died): ``why`` says so."""
+    now = iso(time.time())
+    return [
+        {
+            "custom_id": prompt["custom_id"],
+            "line": prompt["line"],
+            "agent": task.agents[item.agent].name if item.agent is not None else None,
+            "conversation": prompt.get("conversation"),
+            "turn": prompt.get("turn"),
+            "status": "error",
+            "error_type": "other",
+            "error": why[:500],
+            "attempts": 0,
+            "submitted_at": iso(item.submitted_at),
+            "finished_at": now,
+            "digest": prompt.get("digest"),
+        }
+        for item in task.items
+        for prompt in item.prompts
+    ]
 
 
 async def _run_item(
