@@ -7,7 +7,7 @@ Layers, lowest first. A module imports only from its own layer and from the
 layers named after ``->`` (tests/test_architecture.py reads this table and checks
 every import, lazy ones included; a new module must be given a layer here):
 
-    base      errors _files _memory _processes _secrets progress
+    base      errors _files _memory _processes _secrets _signals progress
     core      config core                  -> base
     io        io                           -> core base
     serve     serve                        -> io core base
@@ -15,7 +15,7 @@ every import, lazy ones included; a new module must be given a layer here):
     backends  backends                     -> worker serve io core base
     report    analysis report              -> io core base
     run       run                          -> backends worker report serve io core base
-    chat      chat                         -> run backends worker serve io core base
+    chat      chat                         -> run backends worker report serve io core base
     cli       cli __main__                 -> chat run backends worker report serve io core base
 
 So: what a Parsl worker runs (worker) never imports how it is launched

@@ -14,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from .._signals import handling
 from ..backends.targets import model_servers, target_for
 from ..config import Settings, load_settings
 from ..core.agents import AgentSpec, resolve_agents
@@ -59,17 +60,8 @@ def _exit_on_signals() -> Iterator[None]:
         exiting.append(signum)
         raise SystemExit(128 + signum)
 
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
+    with handling((signal.SIGTERM, signal.SIGHUP), handler):
         yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _consoles(stdout: IO[str]) -> tuple[Console, Console]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..core.agents import AgentSpec
+from ..report.intervals import busy_union_s
 
 __all__ = ["RequestStat", "fmt_pct", "fmt_s", "percentiles", "row_stat", "summarize_requests"]
 
@@ -33,23 +33,6 @@ class RequestStat:
         return max(0.0, self.finished - self.started)
 
 
-def _busy_union_s(intervals: Iterable[tuple[float, float]]) -> float:
-    """Seconds during which at least one request was in flight."""
-    total = 0.0
-    end = -np.inf
-    start = 0.0
-    for a, b in sorted(intervals):
-        if a > end:
-            if end > -np.inf:
-                total += end - start
-            start, end = a, b
-        else:
-            end = max(end, b)
-    if end > -np.inf:
-        total += end - start
-    return float(total)
-
-
 def percentiles(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -67,7 +50,7 @@ def summarize_requests(requests: list[RequestStat], agents: list[AgentSpec], wal
     p50, p95 = percentiles([r.latency_s for r in ok])
     t50, _ = percentiles([r.ttft_s for r in ok if r.ttft_s is not None])
     tokens = sum(r.completion_tokens for r in ok)
-    busy_wall = _busy_union_s((r.started, r.finished) for r in requests)
+    busy_wall = busy_union_s(np.array([r.started for r in requests]), np.array([r.finished for r in requests]))
     slots = sum(a.concurrency for a in agents)
     busy_agent_s = sum(r.latency_s for r in requests)
     wall = max(wall_s, 1e-9)

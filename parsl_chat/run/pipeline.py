@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 
 from .. import __version__
+from .._signals import restore_handlers
 from ..backends import Backend
 from ..backends.inprocess import InProcessBackend
 from ..backends.targets import model_servers, target_for
@@ -70,7 +71,7 @@ from .prepare import (
     runs_in_process,
     setup_logging,
 )
-from .stopping import StopState, install_signals, restore_signals, walltime_deadline
+from .stopping import StopState, install_signals, walltime_deadline
 
 if TYPE_CHECKING:
     from ..serve.server import ModelServer
@@ -194,7 +195,7 @@ def _run(run: _Run) -> RunOutcome:
     try:
         count, failed, allowed, summary = _finish(run, ledger, preload)
     finally:
-        restore_signals(previous_handlers)
+        restore_handlers(previous_handlers)
     return _verdict(run, count, failed, allowed, summary)
 
 

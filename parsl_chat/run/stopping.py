@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .._signals import install_handlers
 from ..backends.targets.slurm import slurm_time_left_s
 from ..errors import ParslChatError
 
@@ -60,7 +61,7 @@ def walltime_deadline() -> float | None:
 
 
 def install_signals(stop: StopState) -> dict[int, Any]:
-    previous: dict[int, Any] = {}
+    """The run's handlers: a stop on the first signal, at once on a second Ctrl-C; returns the previous ones."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -79,12 +80,7 @@ def install_signals(stop: StopState) -> dict[int, Any]:
 
     # SIGHUP: the terminal went away (an SSH session dropped). By default it killed the driver at
     # once, leaving run.json 'running' and the interchange (in its own session) behind.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread (e.g. tests calling in a thread)
-            pass
-    return previous
+    return install_handlers((signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP), handler)
 
 
 def _detach_from_terminal() -> None:
@@ -104,8 +100,3 @@ def _detach_from_terminal() -> None:
                 pass
     finally:
         os.close(devnull)
-
-
-def restore_signals(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)

@@ -37,10 +37,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 
+from .._signals import install_handlers, restore_handlers
 from ..config import ServerConfig
 from ..core.llama_build import EmbeddedPlan, embedded_plan
 from ..errors import ServerError
@@ -384,10 +384,7 @@ def serve_foreground(cfg: ServerConfig, log_path: Path | None, echo: Callable[[s
         if server.url is None:  # still starting: leave the readiness wait now
             raise _Interrupted()
 
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
+    previous = install_handlers((signal.SIGINT, signal.SIGTERM), on_signal)
     try:
         url = server.start()
         echo(f"parsl-chat model server: {url} (model {cfg.model})")
@@ -403,8 +400,7 @@ def serve_foreground(cfg: ServerConfig, log_path: Path | None, echo: Callable[[s
         pass
     finally:
         server.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(previous)
     return 0
 
 
