@@ -13,8 +13,9 @@ from typing import Any
 import psutil
 
 from ..io.rundir import read_run_meta
+from .targets.base import Cancelled
 
-__all__ = ["cleanup_run", "kill_orphans"]
+__all__ = ["cleanup_run", "end_leftovers", "kill_orphans"]
 
 
 def kill_orphans(meta: dict[str, Any]) -> list[str]:
@@ -42,19 +43,25 @@ def kill_orphans(meta: dict[str, Any]) -> list[str]:
     return killed
 
 
+def end_leftovers(meta: dict[str, Any]) -> tuple[list[str], Cancelled | None]:
+    """End what a dead driver of this run left: its local Parsl processes, then its scheduler jobs.
+
+    Returns the processes killed and what the run's target cancelled (None: it starts no jobs).
+    """
+    from .targets import TARGETS
+
+    orphans = kill_orphans(meta)
+    target = TARGETS.get(str(meta.get("executor")))
+    return orphans, target.cancel(meta) if target is not None else None
+
+
 def cleanup_run(run_dir: Path) -> list[str]:
     """Cancel the run's scheduler jobs that are still alive; returns what was done, as lines."""
     meta = read_run_meta(run_dir)
-    executor = meta.get("executor")
-    lines = []
-    orphans = kill_orphans(meta)
-    if orphans:
-        lines.append(f"stopped leftover local Parsl process(es): {', '.join(orphans)}")
-    from .targets import TARGETS
-
-    target = TARGETS.get(str(executor))
-    cancelled = target.cancel(meta) if target is not None else None
+    orphans, cancelled = end_leftovers(meta)
+    lines = [f"stopped leftover local Parsl process(es): {', '.join(orphans)}"] if orphans else []
     if cancelled is None:
+        executor = meta.get("executor")
         return lines or [f"nothing to clean up: no process of this run is left (executor {executor!r} starts no scheduler jobs)"]
     if cancelled.done:
         return [*lines, f"{cancelled.verb} {cancelled.what}: {', '.join(cancelled.done)}"]

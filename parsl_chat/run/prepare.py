@@ -54,11 +54,10 @@ def prepare_dir(opts: RunOptions) -> tuple[Path, dict[str, Any]]:
 
 
 def runs_in_process(opts: RunOptions, previous: dict[str, Any]) -> bool:
-    """``--no-parsl`` as given, else what the resumed run did (an older run.json says it only as its executor)."""
+    """``--no-parsl``/``--parsl`` as given, else what the resumed run chose (a new run: Parsl)."""
     if opts.no_parsl is not None:
         return opts.no_parsl
-    saved = previous.get("options", {}).get("no_parsl")
-    return bool(saved) if saved is not None else previous.get("executor") == "in-process"
+    return bool(previous.get("options", {}).get("no_parsl", False))
 
 
 def check_writable(run_dir: Path) -> None:
@@ -160,14 +159,11 @@ def cache_notes(cfg: CacheConfig | None, agent_params: dict[str, dict[str, Any]]
 
 def clean_previous_driver(previous: dict[str, Any], console: Console) -> None:
     """A driver killed with SIGKILL leaves its Parsl processes and scheduler jobs behind: end them first."""
-    from ..backends.cleanup import kill_orphans
-    from ..backends.targets import TARGETS
+    from ..backends.cleanup import end_leftovers
 
-    orphans = kill_orphans(previous)
+    orphans, cancelled = end_leftovers(previous)
     if orphans:
         console.print(f"stopped local Parsl process(es) left by the previous driver: {', '.join(orphans)}")
-    target = TARGETS.get(str(previous.get("executor")))
-    cancelled = target.cancel(previous) if target is not None else None
     if cancelled is not None and cancelled.done:
         done = cancelled.done
         console.print(f"{cancelled.verb} {len(done)} {cancelled.what} left by the previous driver: {', '.join(done)}")

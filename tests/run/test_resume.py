@@ -391,8 +391,8 @@ def test_terminal_hang_up_stops_the_run_cleanly_and_it_resumes(sim_server, tmp_p
         (True, {}, True),
         (None, {"options": {"no_parsl": True}}, True),  # a resume keeps the run's choice
         (False, {"options": {"no_parsl": True}}, False),  # unless told --parsl
-        (None, {"executor": "in-process", "options": {}}, True),  # a run.json from before the option was saved
-        (None, {"executor": "local", "options": {}}, False),
+        (None, {"options": {"no_parsl": False}}, False),
+        (None, {"executor": "in-process", "options": {}}, False),  # a run.json from before the choice was saved: Parsl
     ],
 )
 def test_a_resume_runs_where_the_run_ran_unless_told(given: bool | None, previous: dict, expected: bool) -> None:
