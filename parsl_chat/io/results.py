@@ -27,6 +27,7 @@ from .. import _memory
 from ..core.structured import flat_column_names
 from .ledger import id_hash, read_ledger
 from .rows import LedgerRow
+from .rundir import run_meta_or_note
 
 __all__ = ["COLUMNS", "SCHEMA", "OutputPlan", "batch_error_line", "batch_output_line", "write_results"]
 
@@ -209,11 +210,7 @@ class OutputPlan:
     @classmethod
     def of_run(cls, run_dir: Path) -> OutputPlan:
         """The plan run.json records; a run.json that is missing or unreadable means the defaults."""
-        try:
-            meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return cls()
-        output = meta.get("output") if isinstance(meta, dict) else None
+        output = run_meta_or_note(run_dir)[0].get("output")
         if not isinstance(output, dict):
             return cls()
         types = (output.get("property_types") or {}) if output.get("flatten") else {}

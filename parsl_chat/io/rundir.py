@@ -14,7 +14,7 @@ from typing import Any
 from .._files import atomic_write
 from ..errors import OutputError
 
-__all__ = ["read_run_meta", "write_run_meta"]
+__all__ = ["read_run_meta", "run_meta_or_note", "write_run_meta"]
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
@@ -24,11 +24,24 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
         raise OutputError(f"{run_dir}: not a parsl-chat run directory (no run.json)")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise OutputError(f"{path}: unreadable run metadata") from None
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: unreadable run metadata ({exc})") from None
     if not isinstance(meta, dict):
         raise OutputError(f"{path}: unreadable run metadata (not a JSON object)")
     return meta
+
+
+def run_meta_or_note(run_dir: Path) -> tuple[dict[str, Any], str | None]:
+    """``run.json`` for readers that go on without it (the report, the results' column plan).
+
+    Returns ``({}, why)`` where it is missing or unreadable, ``(meta, None)`` otherwise.
+    """
+    if not (run_dir / "run.json").is_file():
+        return {}, "run.json is missing: run metadata (agents, slots, blocks) unknown"
+    try:
+        return read_run_meta(run_dir), None
+    except OutputError as exc:
+        return {}, f"{str(exc).removeprefix(str(run_dir / 'run.json') + ': ')}: run metadata ignored"
 
 
 def write_run_meta(run_dir: Path, meta: dict[str, Any]) -> None:

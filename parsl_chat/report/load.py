@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
+from ..io.rundir import run_meta_or_note
 
 __all__ = ["LEDGER_CHUNK", "RESULT_COLUMNS", "SUMMARY_COLUMNS", "is_normal", "load_run", "normalize", "read_run_json"]
 
@@ -92,7 +93,7 @@ def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataF
             hint="pass a directory written by `parsl-chat run` (runs/<run-id>)",
         )
     notes: list[str] = []
-    run = read_run_json(meta, notes)
+    run = read_run_json(run_dir, notes)
     df, source = _read_rows(parquet, ledger, notes, columns)
     df = normalize(df)
     df.attrs["run"] = run
@@ -102,19 +103,12 @@ def load_run(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataF
     return df
 
 
-def read_run_json(meta: Path, notes: list[str]) -> dict[str, Any]:
-    if not meta.exists():
-        notes.append("run.json is missing: run metadata (agents, slots, blocks) unknown")
-        return {}
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        notes.append(f"run.json is unreadable ({exc}): run metadata ignored")
-        return {}
-    if not isinstance(data, dict):
-        notes.append("run.json is not a JSON object: run metadata ignored")
-        return {}
-    return data
+def read_run_json(run_dir: Path, notes: list[str]) -> dict[str, Any]:
+    """The run's run.json, or ``{}`` with a note saying why there is none."""
+    meta, why = run_meta_or_note(run_dir)
+    if why is not None:
+        notes.append(why)
+    return meta
 
 
 def _read_rows(parquet: Path, ledger: Path, notes: list[str], columns: Sequence[str] | None = None) -> tuple[pd.DataFrame, str]:

@@ -169,7 +169,7 @@ def summarize_run(path: str | Path) -> Summary:
     if df is None:
         return summarize(load_run(run_dir, columns=SUMMARY_COLUMNS))
     notes: list[str] = []
-    df.attrs.update(run=read_run_json(run_dir / "run.json", notes), run_dir=str(run_dir), source="results.parquet", notes=notes)
+    df.attrs.update(run=read_run_json(run_dir, notes), run_dir=str(run_dir), source="results.parquet", notes=notes)
     return summarize(df)
 
 
