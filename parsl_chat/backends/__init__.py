@@ -16,6 +16,7 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from ..io.rows import LedgerRow
 from ..worker.executor import ChunkTask
 
 __all__ = ["Backend"]
@@ -34,13 +35,13 @@ class Backend(Protocol):
     def start(self) -> None:
         """Bring the workers up (a warm start: in the background); before the first submit."""
 
-    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
+    def submit(self, task: ChunkTask) -> Future[list[LedgerRow]]:
         """Run one chunk; the future's result is the chunk's rows."""
 
     def all_submitted(self) -> None:
         """The dispatcher has nothing more to send (a chunk sent again may still follow)."""
 
-    def note_rows(self, rows: list[dict[str, Any]]) -> None:
+    def note_rows(self, rows: list[LedgerRow]) -> None:
         """Rows of a chunk that came back, as recorded (where they ran: the blocks' nodes)."""
 
     def blocks(self) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..io.rows import LedgerRow
 from ..worker.executor import ChunkTask, close_client, iso, run_chunk, where_am_i
 
 __all__ = ["InProcessBackend"]
@@ -28,14 +29,14 @@ class InProcessBackend:
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="parsl-chat-worker")
 
-    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
+    def submit(self, task: ChunkTask) -> Future[list[LedgerRow]]:
         assert self._pool is not None, "start() first"
         return self._pool.submit(run_chunk, task)
 
     def all_submitted(self) -> None:
         pass  # the pool has nothing to start or stop early
 
-    def note_rows(self, rows: list[dict[str, Any]]) -> None:
+    def note_rows(self, rows: list[LedgerRow]) -> None:
         pass  # one "block": this process, on this node
 
     def processes(self) -> list[dict[str, Any]]:

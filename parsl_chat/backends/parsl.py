@@ -21,6 +21,7 @@ import psutil
 
 from ..config import ProfileConfig
 from ..errors import ExecutorError
+from ..io.rows import LedgerRow
 from ..worker.executor import ChunkTask, iso, run_chunk, warm_worker
 from .targets import python_bin_on_path, target_for, total_workers
 
@@ -146,8 +147,8 @@ class ParslBackend:
     def executor(self) -> Any:
         return self._dfk.executors[f"htex-{self.run_id[-8:]}"] if self._dfk else None
 
-    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
-        future: Future[list[dict[str, Any]]] = self._app(task)
+    def submit(self, task: ChunkTask) -> Future[list[LedgerRow]]:
+        future: Future[list[LedgerRow]] = self._app(task)
         return future
 
     def warm_up(self) -> list[Future[int]]:
@@ -160,11 +161,11 @@ class ParslBackend:
     def all_submitted(self) -> None:
         pass  # Parsl's blocks scale down by its own strategy
 
-    def note_rows(self, rows: list[dict[str, Any]]) -> None:
+    def note_rows(self, rows: list[LedgerRow]) -> None:
         for row in rows:
-            block = row.get("block")
-            if block is not None and row.get("node"):
-                self._nodes.setdefault(str(block), set()).add(row["node"])
+            block, node = row.get("block"), row.get("node")
+            if block is not None and node:
+                self._nodes.setdefault(str(block), set()).add(node)
 
     def blocks(self) -> list[dict[str, Any]]:
         """Blocks started so far with their scheduler job ids (kept in run.json for cleanup)."""

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..io.rows import LedgerRow
 from ..worker.executor import ChunkTask
 from .inprocess import InProcessBackend
 
@@ -43,7 +44,7 @@ class WarmStartBackend:
         self._ready = threading.Event()  # Parsl's workers can take over (or Parsl failed, or the run ended)
         self._wake = threading.Event()  # a warm-up task came back, or the run is ending
         self._error: BaseException | None = None
-        self._local: set[Future[list[dict[str, Any]]]] = set()
+        self._local: set[Future[list[LedgerRow]]] = set()
         self._handed_over = False
         self._parsl_stopping: Future[None] | None = None  # set once every chunk stays in this process
         self.handover_s: float | None = None
@@ -58,7 +59,7 @@ class WarmStartBackend:
     def processes(self) -> list[dict[str, Any]]:
         return self.parsl.processes()  # the in-process pool has none
 
-    def note_rows(self, rows: list[dict[str, Any]]) -> None:
+    def note_rows(self, rows: list[LedgerRow]) -> None:
         self.parsl.note_rows(rows)
 
     def start(self) -> None:
@@ -80,7 +81,7 @@ class WarmStartBackend:
 
         threading.Thread(target=boot, name="parsl-chat-warm-start", daemon=True).start()
 
-    def submit(self, task: ChunkTask) -> Future[list[dict[str, Any]]]:
+    def submit(self, task: ChunkTask) -> Future[list[LedgerRow]]:
         if not self._ready.is_set() or self._parsl_stopping is not None:
             local = replace(task, slots=[a.concurrency for a in task.agents], stop_file=str(self.drain_file))
             future = self.local.submit(local)

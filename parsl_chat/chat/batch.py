@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, as_completed
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..backends import Backend
 from ..backends.inprocess import InProcessBackend
 from ..core.agents import AgentSpec
 from ..core.routing import Router
 from ..io.prompts import Prompt
+from ..io.rows import LedgerRow
 from ..worker.executor import ChunkTask, WorkItem, lost_rows
 from .stats import fmt_pct, fmt_s, percentiles, row_stat, summarize_requests
 
@@ -44,7 +45,7 @@ def cmd_batch(session: ChatSession, arg: str) -> None:
         session.requests.append(row_stat(row))
     stats = [row_stat(r) for r in rows]
     s = summarize_requests(stats, session.agents, wall)
-    queue_p50, _ = percentiles([float(r["queue_s"]) for r in rows if r.get("queue_s") is not None])
+    queue_p50, _ = percentiles([queue_s for r in rows if (queue_s := r.get("queue_s")) is not None])
     spread = ", ".join(f"{name} {a['requests']}" for name, a in s["agents"].items() if a["requests"])
     session.say(
         f"batch {session.batches}: {len(rows)} of {count} requests via {_backend_label(session)}: "
@@ -89,7 +90,7 @@ def _batch_agents(session: ChatSession) -> list[AgentSpec]:
     return session.cfg.batch_agents
 
 
-def _run_batch(session: ChatSession, backend: Backend, texts: list[str]) -> tuple[list[dict[str, Any]], float]:
+def _run_batch(session: ChatSession, backend: Backend, texts: list[str]) -> tuple[list[LedgerRow], float]:
     from ..progress import RunProgress
     from ..run import chunk_size, slots_per_worker
 
@@ -109,7 +110,7 @@ def _run_batch(session: ChatSession, backend: Backend, texts: list[str]) -> tupl
     started = time.time()
     for item in items:
         item.submitted_at = started
-    futures: dict[Future[list[dict[str, Any]]], ChunkTask] = {}
+    futures: dict[Future[list[LedgerRow]], ChunkTask] = {}
     for cid, start in enumerate(range(0, len(items), size)):
         task = ChunkTask(
             run_id=session.run_id,
@@ -123,7 +124,7 @@ def _run_batch(session: ChatSession, backend: Backend, texts: list[str]) -> tupl
             extra={"node_endpoint_placeholder": session.cfg.node_placeholder},
         )
         futures[backend.submit(task)] = task
-    rows: list[dict[str, Any]] = []
+    rows: list[LedgerRow] = []
     try:
         with RunProgress(len(items), console=session.err_console, quiet=not session.interactive) as progress:
             for future in as_completed(futures):

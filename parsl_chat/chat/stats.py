@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -98,7 +99,7 @@ def _ts(value: Any) -> float | None:
     return datetime.fromisoformat(str(value)).timestamp()
 
 
-def row_stat(row: dict[str, Any]) -> RequestStat:
+def row_stat(row: Mapping[str, Any]) -> RequestStat:
     started = _ts(row.get("started_at"))
     finished = _ts(row.get("finished_at"))
     if started is None:

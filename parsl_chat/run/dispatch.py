@@ -14,6 +14,7 @@ from ..backends import Backend
 from ..errors import ServerError, ServerLost
 from ..io.ledger import Ledger
 from ..io.prompts import LineProblem
+from ..io.rows import LedgerRow
 from ..progress import RunProgress
 from ..worker.executor import ChunkTask, WorkItem, iso, lost_rows, unfinished_rows
 from .stopping import StopState
@@ -93,7 +94,7 @@ class _Chunks:
     ) -> None:
         self.backend, self.items, self.make_task, self.chunk_size = backend, items, make_task, chunk_size
         self.ledger, self.progress, self.stop = ledger, progress, stop
-        self.pending: dict[Future[list[dict[str, Any]]], tuple[ChunkTask, int]] = {}  # -> (task, tries so far)
+        self.pending: dict[Future[list[LedgerRow]], tuple[ChunkTask, int]] = {}  # -> (task, tries so far)
         self.next_id = 0
         self.exhausted = False
         # one item read ahead, so that the last chunk is known to be the last as it is sent
@@ -126,7 +127,7 @@ class _Chunks:
                 self.exhausted = True
                 self.backend.all_submitted()  # the warm start's: Parsl may not be needed at all
 
-    def collect(self, future: Future[list[dict[str, Any]]]) -> bool:
+    def collect(self, future: Future[list[LedgerRow]]) -> bool:
         """Record a returned chunk's rows (or send it again); False when the ledger cannot be written."""
         stop = self.stop
         task, tries = self.pending.pop(future)
@@ -155,7 +156,7 @@ class _Chunks:
                 self.submit(replace(task, items=rest), tries)
         return self.record(rows)
 
-    def record(self, rows: list[dict[str, Any]]) -> bool:
+    def record(self, rows: list[LedgerRow]) -> bool:
         try:
             self.ledger.append(rows)
         except OSError as exc:  # disk full, quota, file size limit: stop, keep what is recorded
@@ -168,7 +169,7 @@ class _Chunks:
         return True
 
 
-def _note_server_down(cut_short: list[dict[str, Any]], stop: StopState) -> None:
+def _note_server_down(cut_short: list[LedgerRow], stop: StopState) -> None:
     """A model server that is gone (restarts used up, or never back): stop the run, to be resumed."""
     down = next((row for row in cut_short if row.get("error_type") == "server_down"), None)
     if down is not None:

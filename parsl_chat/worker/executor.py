@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -169,12 +169,11 @@ def close_client() -> None:
             pass
 
 
-def run_chunk(task: ChunkTask) -> list[dict[str, Any]]:
+def run_chunk(task: ChunkTask) -> list[LedgerRow]:
     """Run one chunk and return a row per prompt it finished (the Parsl app body)."""
     state = _state()
     future = asyncio.run_coroutine_threadsafe(_run_chunk(task, state), state.loop)
-    # LedgerRows; the backends and the driver still pass rows on as plain dicts (the same objects)
-    return cast("list[dict[str, Any]]", future.result())
+    return future.result()
 
 
 async def _run_chunk(task: ChunkTask, state: _WorkerState) -> list[LedgerRow]:
@@ -273,7 +272,7 @@ def unfinished_rows(rows: list[_AnyRow]) -> tuple[list[_AnyRow], list[_AnyRow]]:
     return final, [row for row in rows if row["status"] == UNFINISHED]
 
 
-def lost_rows(task: ChunkTask, why: str) -> list[dict[str, Any]]:
+def lost_rows(task: ChunkTask, why: str) -> list[LedgerRow]:
     """One error row per prompt of a chunk that never came back (its worker died): ``why`` says so."""
     now = iso(time.time())
     return [
