@@ -75,6 +75,7 @@ class AgentSpec:
     params: dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0
     concurrency: int = 4
+    concurrency_given: bool = True  # set by the user (not our default, nor the embedded server's share)
 
     def __repr__(self) -> str:
         return f"AgentSpec(name={self.name!r}, model={self.model!r}, endpoint={self.endpoint!r}, concurrency={self.concurrency})"
@@ -109,6 +110,7 @@ def resolve_agents(
     # agents with no endpoint of their own share the embedded server: by default they fill its slots
     on_server = 0 if run.endpoint else sum(1 for i in range(count) if not configured[i % len(configured)].endpoint)
     share = embedded_slots_share(settings, on_server, servers) if on_server else None
+    concurrency_set = settings.source_of("limits.concurrency").kind != "default"
     specs = []
     for i in range(count):
         base = configured[i % len(configured)]
@@ -124,6 +126,7 @@ def resolve_agents(
                 params=_with_schema(base, run),
                 weight=base.weight,
                 concurrency=base.concurrency or (share if share and not base.endpoint else run.limits.concurrency),
+                concurrency_given=base.concurrency is not None or concurrency_set,
             )
         )
     return specs

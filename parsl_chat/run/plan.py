@@ -59,7 +59,7 @@ def slots_per_worker(agents: list[AgentSpec], workers: int, in_process: bool) ->
 def effective_concurrency(
     agents: list[AgentSpec], slots: list[int], workers: int, in_process: bool, console: Console
 ) -> list[AgentSpec]:
-    """Each worker process gets a whole number of slots per agent: say so when that changes the limit."""
+    """Each worker process gets a whole number of slots per agent: say so when that changes a limit the user set."""
     if in_process:
         return agents
     out = []
@@ -70,8 +70,11 @@ def effective_concurrency(
                 f"agent {agent.name}: concurrency {agent.concurrency} over {workers} workers is {share} per worker, "
                 f"so up to {effective} requests in flight (use a multiple of {workers} to be exact)"
             )
-            log.warning(message)
-            console.print(f"note: {message}", markup=False, highlight=False)
+            if agent.concurrency_given:
+                log.warning(message)
+                console.print(f"note: {message}", markup=False, highlight=False)
+            else:  # our own default: rounding it is ours too
+                log.info(message)
         out.append(replace(agent, concurrency=effective))
     return out
 

@@ -124,8 +124,9 @@ def test_agents_default_to_a_share_of_the_slots(tmp_path: Path, monkeypatch: pyt
     env = {"PARSL_CHAT_SERVER_SLOTS": "8"}
     agents = resolve_agents(load_settings("local", env=env), "node-local://model-server/v1", "m", None)
     assert [a.concurrency for a in agents] == [3, 3, 3]  # ceil(8 / 3): no slot starves
+    assert not any(a.concurrency_given for a in agents)  # ours: Parsl's workers may round it without a note
     given = resolve_agents(load_settings("local", env={**env, "PARSL_CHAT_LIMITS_CONCURRENCY": "2"}), "x", "m", None)
-    assert [a.concurrency for a in given] == [2, 2, 2]
+    assert [a.concurrency for a in given] == [2, 2, 2] and all(a.concurrency_given for a in given)
     elsewhere = resolve_agents(load_settings("local", env={**env, "OPENAI_BASE_URL": "http://h:1/v1"}), "x", "m", None)
     assert [a.concurrency for a in elsewhere] == [4, 4, 4]  # not the embedded server: limits.concurrency's default
 
