@@ -28,6 +28,7 @@ class RunProgress:
         self.interactive = console.is_terminal if interactive is None else interactive
         self.started = time.monotonic()
         self._last_log = self.started
+        self._last_logged: tuple[int, int] | None = None  # (done, failed) of the last line, not printed twice
         self._bar: Progress | None = None
         self._task: TaskID | None = None
 
@@ -54,7 +55,7 @@ class RunProgress:
         if self._bar is not None:
             self._refresh()
             self._bar.stop()
-        elif not self.quiet:
+        elif not self.quiet and self._last_logged != (self.done, self.failed):
             self._log_line()
 
     @property
@@ -76,6 +77,7 @@ class RunProgress:
 
     def _log_line(self) -> None:
         self._last_log = time.monotonic()
+        self._last_logged = (self.done, self.failed)
         rate = self.rate
         left = self.total - self.done
         eta = f"{left / rate:.0f} s" if rate > 0 and left > 0 else "-"
