@@ -2,9 +2,10 @@
 
 Every test runs the real CLI against the fault-injecting simulator (or the real model)
 and crosses one seam: the warm start's hand-over to Parsl, a stop signal, the walltime
-warning, a Parsl worker killed, the model server killed. Each ends with every prompt ok
-after at most one ``--resume`` and without ``--retry-failed``, and the server's request
-log shows no prompt answered twice.
+warning, a Parsl worker killed, the model server killed, the driver killed with the
+response cache on. Each ends with every prompt ok after at most one ``--resume`` and
+without ``--retry-failed``, and the server's request log shows no prompt answered twice
+(after a kill -9, none but those in flight at the kill).
 """
 
 from __future__ import annotations
@@ -76,6 +77,42 @@ def test_warm_start_hand_over_on_a_flaky_endpoint_ends_every_prompt_ok(seed: int
     assert df.worker.str.contains("/w").any() and df.worker.str.contains("/p").any()
     assert _answered_twice(server.requests()) == []
     _summary(out)
+
+
+# --------------------------------------------------------------------------- kill -9 with the response cache
+
+
+def test_a_driver_killed_with_the_cache_on_resumes_answers_from_it_and_resends_nothing_recorded(
+    sim_server, tmp_path: Path
+) -> None:
+    """kill -9 between answers reaching the cache and the ledger: the resume takes those from the cache.
+
+    The cache's segment of the killed driver may end in a torn line: it is skipped, not an error.
+    """
+    server = sim_server(latency_ms=40, jitter_ms=40)
+    out, cache_dir = tmp_path / "run", tmp_path / "cache"
+    prompts = write_prompts(tmp_path / "p.jsonl", 300)
+    driver = start_cli(
+        ["run", str(prompts), "--endpoint", server.url, "--out", str(out), "--no-parsl", "--cache", str(cache_dir)]
+    )
+    wait_rows(out, 60)
+    driver.kill()
+    driver.wait()
+    recorded = {r["custom_id"] for r in read_ledger(out / "ledger.jsonl")}
+    answered_before = {r["prompt"] for r in server.requests() if r["status"] == 200}
+    resumed = run_cli("run", "--resume", str(out))  # the cache directory comes from run.json
+    assert resumed.returncode == 0, resumed.stderr
+    df = _all_ok(out, 300)
+    texts = dict(zip(df.custom_id, df.custom_id.str.replace("p", "question ", regex=False), strict=True))
+    after = [r for r in server.requests()[len(answered_before) :] if r["status"] == 200]
+    assert not {r["prompt"] for r in after} & {texts[c] for c in recorded}, "a recorded prompt was sent again"
+    from_cache = set(df.custom_id[df.cached.fillna(False).astype(bool)])
+    assert from_cache and not from_cache & recorded  # answered, cached, not yet recorded at the kill: not asked again
+    assert {texts[c] for c in from_cache} <= answered_before
+    # only prompts in flight at the kill (answered, but not back in time to be cached) were answered twice
+    assert len(_answered_twice(server.requests())) <= 12
+    stats = run_cli("cache", "stats", str(cache_dir), "--json")
+    assert stats.returncode == 0, stats.stderr
 
 
 # --------------------------------------------------------------------------- stop signals
