@@ -19,6 +19,8 @@ from ..progress import RunProgress
 from ..worker.executor import ChunkTask, WorkItem, iso, lost_rows, unfinished_rows
 from .stopping import StopState
 
+__all__ = ["CHUNK_MAX_BYTES", "CHUNK_RETRIES", "dispatch_chunks", "invalid_rows"]
+
 log = logging.getLogger("parsl_chat.run")
 
 CHUNK_RETRIES = 3

@@ -17,6 +17,18 @@ from ..io.rundir import write_run_meta
 from ..serve.supervision import ServerSupervisor
 from .stopping import StopState
 
+__all__ = [
+    "END_MODULES",
+    "Preload",
+    "cannot_write",
+    "close_ledger",
+    "every_turn",
+    "failed_count",
+    "update_run_blocks",
+    "write_results",
+    "write_run_summary",
+]
+
 log = logging.getLogger("parsl_chat.run")
 
 #: What the end of a run imports (results files, failure count, summary): 0.4-0.5 s the first

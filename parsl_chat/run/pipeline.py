@@ -76,6 +76,8 @@ from .stopping import StopState, install_signals, walltime_deadline
 if TYPE_CHECKING:
     from ..serve.server import ModelServer
 
+__all__ = ["execute_run"]
+
 log = logging.getLogger("parsl_chat.run")
 
 

@@ -21,6 +21,18 @@ from ..io.prompts import LineProblem, PromptSource, ScanResult, iter_prompts
 from ..worker.executor import WorkItem
 from .options import RunOptions, RunOutcome
 
+__all__ = [
+    "NODE_LOCAL_ENDPOINT",
+    "chunk_size",
+    "describe_fleet",
+    "dry_run",
+    "effective_concurrency",
+    "endpoint_and_server",
+    "fleet_lines",
+    "slots_per_worker",
+    "work_items",
+]
+
 log = logging.getLogger("parsl_chat.run")
 
 #: agents' endpoint while each node's own model server is not yet known

@@ -21,6 +21,21 @@ from ..io.prompts import Prompt, PromptSource, spool_stdin
 from ..io.rundir import read_run_meta
 from .options import RunOptions
 
+__all__ = [
+    "cache_notes",
+    "check_resume",
+    "check_writable",
+    "clean_previous_driver",
+    "new_run_dir",
+    "prepare_cache",
+    "prepare_dir",
+    "resolve_settings",
+    "resolved_prompts_path",
+    "run_id_for",
+    "runs_in_process",
+    "setup_logging",
+]
+
 log = logging.getLogger("parsl_chat.run")
 
 

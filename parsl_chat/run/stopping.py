@@ -16,6 +16,8 @@ from .._signals import install_handlers
 from ..backends.targets.slurm import slurm_time_left_s
 from ..errors import ParslChatError
 
+__all__ = ["StopState", "install_signals", "walltime_deadline"]
+
 log = logging.getLogger("parsl_chat.run")
 
 

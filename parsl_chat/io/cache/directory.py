@@ -13,6 +13,8 @@ from ...config import CacheConfig
 from ...errors import ConfigError, UsageError
 from .segment import FORMAT, MARKER, SEGMENTS, TMP
 
+__all__ = ["marker_ok", "open_cache_dir", "prepare"]
+
 # --------------------------------------------------------------------------- the directory
 
 

@@ -34,6 +34,8 @@ from .segment import (
     scan_lines,
 )
 
+__all__ = ["DEFAULT_IDLE_S", "CacheStats", "CompactResult", "clear", "compact", "iter_records", "stats"]
+
 DEFAULT_IDLE_S = 600.0
 
 # --------------------------------------------------------------------------- stats, compact, clear

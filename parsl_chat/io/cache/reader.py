@@ -28,6 +28,8 @@ from .segment import (
     valid_key,
 )
 
+__all__ = ["REFRESH_S", "Reader"]
+
 log = logging.getLogger("parsl_chat.io.cache")
 
 #: how often a reader looks for segments other writers added meanwhile: a listing and a stat

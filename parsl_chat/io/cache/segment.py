@@ -18,6 +18,32 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "COMPACT_PREFIX",
+    "FORMAT",
+    "HEAD",
+    "INDEX",
+    "KEY_HEX",
+    "MARKER",
+    "OPEN",
+    "SEALED",
+    "SEGMENTS",
+    "TMP",
+    "Scan",
+    "as_numpy",
+    "encode_line",
+    "file_kind",
+    "file_stem",
+    "key_prefix",
+    "list_segments",
+    "load_index",
+    "read_line",
+    "request_key",
+    "sampled",
+    "scan_lines",
+    "valid_key",
+]
+
 FORMAT = 1
 MARKER = "parsl-chat-cache.json"
 SEGMENTS = "segments"

@@ -18,6 +18,8 @@ from .reader import Reader
 from .segment import encode_line, request_key, sampled
 from .writer import IDLE_SEAL_S, Writer
 
+__all__ = ["CacheQuery", "Hit", "hit_outcome", "plan_notes", "query", "row_columns"]
+
 log = logging.getLogger("parsl_chat.io.cache")
 
 #: the result columns a worker row gets: ``cached`` true (hit), false (asked, missed) or None (not asked)

@@ -12,6 +12,8 @@ from typing import Any
 
 from .segment import OPEN, SEALED, SEGMENTS
 
+__all__ = ["IDLE_SEAL_S", "ROLL_S", "Writer"]
+
 #: a writer moves to a new segment this long after opening one, so no segment stays open for
 #: long: compaction may take an unsealed segment untouched for ``idle_s`` (a writer that died)
 ROLL_S = 60.0
