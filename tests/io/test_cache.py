@@ -238,6 +238,25 @@ def test_an_unusable_cache_directory_is_refused_before_anything_is_sent(
     assert not (tmp_path / "full" / "segments").exists()
 
 
+def test_runs_creating_a_new_cache_at_the_same_moment_both_use_it(tmp_path: Path) -> None:
+    """A job array starts together on a new cache: one run sees the other's half-made directory (segments/,
+    the marker being written) and must join it, not refuse it as someone else's directory."""
+    from parsl_chat.config import CacheConfig
+    from parsl_chat.errors import ConfigError
+    from parsl_chat.io.cache.directory import marker_ok, prepare
+
+    root = tmp_path / "cache"
+    (root / "segments").mkdir(parents=True)
+    (root / ".parsl-chat-cache.json.1a2b3c4d.tmp").write_text("")  # the other run's marker, not yet in place
+    ready = prepare(CacheConfig(dir=str(root)))
+    assert ready is not None and marker_ok(root)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "segments").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file beside a 'segments' folder")
+    with pytest.raises(ConfigError, match="is not empty and not a parsl-chat cache"):
+        prepare(CacheConfig(dir=str(tmp_path / "mine")))
+
+
 def test_a_bad_cache_mode_names_where_it_came_from(tmp_path: Path) -> None:
     result = run_cli("run", "x.jsonl", "--dry-run", env={"PARSL_CHAT_CACHE_MODE": "sometimes"})
     assert result.returncode == 2

@@ -43,7 +43,7 @@ def prepare(cfg: CacheConfig, where: str = "cache.dir") -> CacheConfig | None:
             f"{where}: {root} is not a parsl-chat cache (no {MARKER})",
             hint="give a directory an earlier run filled (cache mode read_write creates one)",
         )
-    elif root.exists() and any(root.iterdir()):
+    elif root.exists() and _foreign_entries(root):
         raise ConfigError(
             f"{where}: {root} is not empty and not a parsl-chat cache (no {MARKER})",
             hint="give an empty or new directory, or one parsl-chat made",
@@ -53,6 +53,16 @@ def prepare(cfg: CacheConfig, where: str = "cache.dir") -> CacheConfig | None:
     if cfg.mode == "read_write" and not os.access(root / SEGMENTS, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: cannot write to the cache in {root}", hint="use cache mode read, or another directory")
     return replace(cfg, dir=str(root))
+
+
+def _foreign_entries(root: Path) -> list[str]:
+    """What is in ``root`` that :func:`_create` does not make.
+
+    Runs started together on a new cache (a job array) create it at the same moment: one
+    sees the other's ``segments/`` or marker file in the making before the marker is there.
+    """
+    own = (SEGMENTS, f".{MARKER}.")
+    return [entry.name for entry in root.iterdir() if not entry.name.startswith(own)]
 
 
 def _create(root: Path, where: str) -> None:
