@@ -16,9 +16,12 @@ prompts at temperature 0. Each round runs every variant once, order rotated.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,15 @@ from common import (
 
 REPO = BENCH_DIR.parent
 QUICKSTART = REPO / "examples" / "prompts.jsonl"
-ENGINES = {"(a) llama-cpp-python": "llama-cpp-python", "(b) llama-server": "llama-server"}
+#: what each variant sets in the run's environment; (b1) is the default before all-core batches
+ENGINES: dict[str, dict[str, str]] = {
+    "(a) llama-cpp-python": {"PARSL_CHAT_SERVER_ENGINE": "llama-cpp-python"},
+    "(b) llama-server": {"PARSL_CHAT_SERVER_ENGINE": "llama-server"},
+    "(b1) llama-server, 1 batch thread": {"PARSL_CHAT_SERVER_ENGINE": "llama-server", "PARSL_CHAT_SERVER_BATCH_THREADS": "1"},
+}
+ENGINE_LABELS = {label[1 : label.index(")")]: label for label in ENGINES}  # "b1" -> its label
+#: the ratios reported: (b)/(a) is the issue's target; (b)/(b1) what all-core batches add
+PAIRS = (("b", "a"), ("b1", "a"), ("b", "b1"))
 SUBJECTS = (
     "Amdahl's law",
     "a hash table",
@@ -129,10 +140,10 @@ def _token_means(run_dir: Path) -> tuple[float | None, float | None]:
     return pc.mean(table["prompt_tokens"]).as_py(), pc.mean(table["completion_tokens"]).as_py()
 
 
-def run_engine(ctx: Context, prompts: Path, out: Path, engine: str, config: Path | None) -> dict[str, Any]:
-    """One ``parsl-chat run`` that starts its own embedded server on ``engine``."""
+def run_engine(ctx: Context, prompts: Path, out: Path, settings: dict[str, str], config: Path | None) -> dict[str, Any]:
+    """One ``parsl-chat run`` that starts its own embedded server, as ``settings`` (environment variables) say."""
     args = ["run", str(prompts), "--out", str(out), "--quiet"] + (["--config", str(config)] if config else [])
-    t = timed(parsl_chat_argv(*args), env=clean_env({"PARSL_CHAT_SERVER_ENGINE": engine}), cwd=REPO, timeout_s=1800)
+    t = timed(parsl_chat_argv(*args), env=clean_env(settings), cwd=REPO, timeout_s=1800)
     result: dict[str, Any] = t.brief()
     if t.rc != 0:
         result["error"] = (t.stderr or t.stdout)[-2000:]
@@ -159,8 +170,10 @@ def _read(path: Path) -> str:
         return ""
 
 
-def batched_bench(npl: list[int], npp: int, ntg: int, threads: int, batch_threads: int) -> list[dict[str, float]]:
-    """llama-batched-bench on the embedded GGUF: one row per parallel-sequence count in ``npl``."""
+def batched_bench(
+    npl: list[int], npp: int, ntg: int, threads: int, batch_threads: int, env: dict[str, str] | None = None
+) -> list[dict[str, float]]:
+    """llama-batched-bench on the embedded GGUF: one row per parallel-sequence count in ``npl``; ``env``: added to ours."""
     from parsl_chat.core.llama_build import find_llama_build
     from parsl_chat.serve.embedded import embedded_model_path
 
@@ -190,7 +203,7 @@ def batched_bench(npl: list[int], npp: int, ntg: int, threads: int, batch_thread
         "--no-repack",
     ]
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"llama-batched-bench exited {proc.returncode}: {proc.stderr[-1000:]}")
     rows = []
@@ -217,6 +230,46 @@ def batched_bench(npl: list[int], npp: int, ntg: int, threads: int, batch_thread
     if not rows:
         raise RuntimeError(f"no table in llama-batched-bench's output: {proc.stdout[-1000:]}")
     return [dict(r, wall_s=round(time.monotonic() - started, 2)) for r in rows]
+
+
+def contention(plan: Any, npp: int, ntg: int, repeats: int) -> list[dict[str, Any]]:
+    """(c) at the plan's slots, alone and beside one busy process, for three ways to run the batch threads.
+
+    llama.cpp's threads meet at a barrier after every operation: how a thread waits there
+    decides what a descheduled one costs the others.
+    """
+    ways = {
+        f"{plan.batch_threads} batch threads, {_assignments(plan.environment)}": (plan.batch_threads, plan.environment),
+        f"{plan.batch_threads} batch threads, libgomp's default wait": (plan.batch_threads, {}),
+        f"{max(1, plan.batch_threads - 1)} batch thread(s) (b1)": (max(1, plan.batch_threads - 1), {}),
+    }
+    rows = []
+    for rnd, label in interleaved([f"{w} | {c}" for c in ("alone", "beside a busy process") for w in ways], repeats):
+        way, condition = label.split(" | ")
+        batch_threads, env = ways[way]
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if condition != "alone" else None
+        try:
+            row = batched_bench([plan.slots], npp, ntg, plan.threads, batch_threads, env)[0]
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        rows.append({"round": rnd, "way": way, "condition": condition, **row})
+    return rows
+
+
+def _assignments(env: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in env.items()) or "no setting"
+
+
+def contention_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    ways = list(dict.fromkeys(r["way"] for r in rows))
+    cell = {
+        (way, condition): fmt(med([r["tokens_per_s"] for r in rows if r["way"] == way and r["condition"] == condition]), 1)
+        for way in ways
+        for condition in ("alone", "beside a busy process")
+    }
+    return [[way, cell[way, "alone"], cell[way, "beside a busy process"]] for way in ways]
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -246,7 +299,10 @@ def run(ctx: Context) -> dict[str, Any]:
         },
     )
     workloads = {"quickstart": (QUICKSTART, None), f"{n} prompts": (many, config)}
-    variants = [f"{w} {e}" for w in workloads for e in ENGINES]
+    # quick: the two engines only; (b1) and the contention sweep are for the write-up
+    engines = [e for e in ENGINES if not (ctx.quick and e.startswith("(b1)"))]
+    pairs = [(b, a) for b, a in PAIRS if ENGINE_LABELS[b] in engines and ENGINE_LABELS[a] in engines]
+    variants = [f"{w} {e}" for w in workloads for e in engines]
     runs: dict[str, list[dict[str, Any]]] = {}
     for rnd, label in interleaved(variants, ctx.repeats):
         workload = next(w for w in workloads if label.startswith(w + " "))
@@ -267,7 +323,10 @@ def run(ctx: Context) -> dict[str, Any]:
     npp = round(med([r.get("mean_prompt_tokens") for r in b_runs]) or 40)
     ntg = round(med([r.get("mean_completion_tokens") for r in b_runs]) or 48)
     ctx.log(f"  [engines] (c) llama-batched-bench: {plan.slots} parallel, {npp} prompt + {ntg} completion tokens")
-    bench = [batched_bench([plan.slots], npp, ntg, plan.threads, plan.batch_threads)[0] for _ in range(ctx.repeats)]
+    threads = (plan.threads, plan.batch_threads, plan.environment)
+    bench = [batched_bench([plan.slots], npp, ntg, *threads)[0] for _ in range(ctx.repeats)]
+    ctx.log("  [engines] (c) alone and beside a busy process, three ways to wait at llama.cpp's barriers")
+    contended = [] if ctx.quick else contention(plan, npp, ntg, ctx.repeats)
     sweep_npl = sorted({1, 2, 4, 8, 16, plan.slots})
     sweep = {
         f"{t} generation threads": batched_bench(sweep_npl, npp, ntg, t, plan.batch_threads)
@@ -293,14 +352,14 @@ def run(ctx: Context) -> dict[str, Any]:
 
     summary = {label: summarise(rs) for label, rs in runs.items()}
     ratios: dict[str, Any] = {}
-    for workload in workloads:
-        a = {r["round"]: r for r in runs.get(f"{workload} (a) llama-cpp-python", [])}
-        b = {r["round"]: r for r in runs.get(f"{workload} (b) llama-server", [])}
+    for workload, (b_name, a_name) in itertools.product(workloads, pairs):
+        a = {r["round"]: r for r in runs.get(f"{workload} {ENGINE_LABELS[a_name]}", [])}
+        b = {r["round"]: r for r in runs.get(f"{workload} {ENGINE_LABELS[b_name]}", [])}
         for key in ("tokens_per_s", "prompts_per_s", "tokens_per_s_request_phase", "prompts_per_s_request_phase"):
             within = [b[k][key] / a[k][key] for k in a if k in b and a[k].get(key) and b[k].get(key)]
-            ratios[f"{workload} b/a {key}"] = {"median": med(within), "runs": within}
+            ratios[f"{workload} {b_name}/{a_name} {key}"] = {"median": med(within), "runs": within}
         walls = [a[k]["wall_s"] / b[k]["wall_s"] for k in a if k in b]
-        ratios[f"{workload} a/b wall_s"] = {"median": med(walls), "runs": walls}
+        ratios[f"{workload} {a_name}/{b_name} wall_s"] = {"median": med(walls), "runs": walls}
     c_tok, c_pr = med([r["tokens_per_s"] for r in bench]), med([r["prompts_per_s"] for r in bench])
     for key, c in (("tokens_per_s_request_phase", c_tok), ("prompts_per_s_request_phase", c_pr)):
         within = [r[key] / c for r in b_runs if r.get(key) and c]
@@ -319,6 +378,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "ratios": ratios,
         "batched_bench": bench,
         "sweep": sweep,
+        "contention": contended,
         "runs": runs,
     }
 
@@ -359,15 +419,15 @@ def run(ctx: Context) -> dict[str, Any]:
         ]
     )
     ratio_rows = []
-    for workload in workloads:
+    for workload, (b_name, a_name) in itertools.product(workloads, pairs):
         ratio_rows.append(
             [
-                f"{workload}: (b)/(a)",
-                ratio(f"{workload} b/a tokens_per_s"),
-                ratio(f"{workload} b/a prompts_per_s"),
-                ratio(f"{workload} b/a tokens_per_s_request_phase"),
-                ratio(f"{workload} b/a prompts_per_s_request_phase"),
-                ratio(f"{workload} a/b wall_s"),
+                f"{workload}: ({b_name})/({a_name})",
+                ratio(f"{workload} {b_name}/{a_name} tokens_per_s"),
+                ratio(f"{workload} {b_name}/{a_name} prompts_per_s"),
+                ratio(f"{workload} {b_name}/{a_name} tokens_per_s_request_phase"),
+                ratio(f"{workload} {b_name}/{a_name} prompts_per_s_request_phase"),
+                ratio(f"{workload} {a_name}/{b_name} wall_s"),
             ]
         )
     ratio_rows.append(
@@ -417,7 +477,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 "prompts/s",
                 "tokens/s request phase",
                 "prompts/s request phase",
-                "wall (a)/(b)",
+                "wall, inverse",
             ],
             ratio_rows,
         ),
@@ -429,5 +489,13 @@ def run(ctx: Context) -> dict[str, Any]:
             sweep_rows,
         ),
     ]
+    if contended:
+        md += [
+            "",
+            f"llama-batched-bench at {plan.slots} parallel sequences, alone and beside one busy process "
+            "(completion tokens/s of the batch, median over rounds):",
+            "",
+            md_table(["batch threads, waiting", "alone", "beside a busy process"], contention_rows(contended)),
+        ]
     write_result(ctx, "engines", data, "\n".join(md))
     return data

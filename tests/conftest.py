@@ -6,8 +6,10 @@ Kubernetes tests must really run there.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -157,3 +159,20 @@ def assert_figures_within_bounds(summary: dict[str, Any]) -> None:
     spans += [(f"node {n['node']} idle_s", n.get("idle_s")) for n in allocation.get("per_node") or []]
     for name, value in spans:
         assert value is None or value >= 0.0, f"{name} = {value}"
+
+
+# --------------------------------------------------------------------------- llama.cpp builds
+
+#: the CPU features scripts/install's portable builds may use
+PORTABLE = {"SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2", "NEON"}
+
+
+def installed_kind() -> str:
+    """How the installed llama-cpp-python was built, from the wheel scripts/install installed it from."""
+    try:
+        direct = importlib.metadata.distribution("llama-cpp-python").read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+    url = json.loads(direct or "{}").get("url", "")
+    match = re.search(r"/parsl-chat/wheels/llama-cpp-python-[^/]*-(portable|native|custom)(?:-[0-9a-f]+)?/", url)
+    return match.group(1) if match else "unknown (not from scripts/install)"

@@ -27,6 +27,7 @@ from ..errors import ServerError
 
 __all__ = [
     "BUILD_RECORD",
+    "OPENMP_SPIN_COUNT",
     "EmbeddedPlan",
     "LlamaBuild",
     "embedded_plan",
@@ -45,6 +46,10 @@ MAX_THREADS = 8
 #: product per step, which a core does at nearly the cost of one (measured: BENCHMARKS.md §8)
 SLOTS_PER_CORE = 4
 MAX_SLOTS = 32
+#: rounds libgomp's threads spin at a barrier before they sleep (its default, 300,000, is about
+#: a millisecond): then a thread descheduled by another process no longer costs the others a
+#: whole time slice at every barrier, and all-core batches degrade gently (BENCHMARKS.md §8)
+OPENMP_SPIN_COUNT = 1000
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,11 @@ class LlamaBuild:
     #: llama.cpp's system info of the build (``CPU : SSE3 = 1 | AVX2 = 1 | ...``), read at install
     #: time: llama-server prints it only at trace verbosity
     system_info: str = ""
+
+    @property
+    def openmp(self) -> bool:
+        """Whether its threads meet at OpenMP barriers (libgomp's spin count then applies)."""
+        return "OPENMP = 1" in self.system_info
 
     def describe(self) -> str:
         return f"llama-server {self.kind} build (llama-cpp-python {self.version} sources, CMAKE_ARGS={self.cmake_args})"
@@ -169,21 +179,22 @@ def job_cores(env: dict[str, str] | None = None) -> int:
     return max(1, min(limits))
 
 
-def thread_counts(cores: int, batched: bool = False) -> tuple[int, int]:
+def thread_counts(cores: int, build: LlamaBuild | None = None) -> tuple[int, int]:
     """llama.cpp threads for generating tokens and for reading prompts, on ``cores`` cores.
 
-    Generation leaves one core to the HTTP server and the clients: llama.cpp's threads
-    busy-wait at every step, so one descheduled thread stalls the others. On a shared
-    2-core VM, 2 generation threads were up to 1.5x faster while it was idle but slower
-    under any other load (36 vs 46 tok/s, 28 vs 22 ms CPU per token). llama.cpp decodes a
-    batch of more than one token on the prompt threads, and llama-server's slots decode as
-    one batch (``batched``), so there they are generation threads too and leave that core
-    as well: 2 of them on 2 cores stalled 2 quickstarts of 6 (42 and 63 s against 15-23 s;
-    1: 21-25 s every time, BENCHMARKS.md §8). One sequence at a time reads its prompt on
-    every core.
+    Generating one sequence leaves one core to the HTTP server and the clients: its steps are
+    small, and a thread descheduled by another process stalls the others at every barrier.
+    llama.cpp runs every batch of more than one token on the prompt threads, and llama-server's
+    slots decode as one batch, so with ``build`` those are generation threads too. They take
+    every core when the build waits at its barriers with OpenMP and :data:`OPENMP_SPIN_COUNT`
+    (8 slots on 2 cores, BENCHMARKS.md §8: 1.8x one thread alone, 0.85x of it beside a busy
+    process); ggml's own thread pool spins until the others arrive, so without OpenMP they
+    leave the client's core (2 of them stalled 2 quickstarts of 6 there).
     """
     generation = max(1, min(cores - 1, MAX_THREADS))
-    return generation, generation if batched else max(1, min(cores, MAX_THREADS))
+    if build is not None and not build.openmp:
+        return generation, generation
+    return generation, max(1, min(cores, MAX_THREADS))
 
 
 def slot_count(cores: int, configured: int = 0) -> int:
@@ -211,6 +222,13 @@ class EmbeddedPlan:
     def engine(self) -> str:
         return "llama-server" if self.build is not None else "llama-cpp-python"
 
+    @property
+    def environment(self) -> dict[str, str]:
+        """What the server process's environment needs for these threads."""
+        if self.build is None or not self.build.openmp:
+            return {}
+        return {"GOMP_SPINCOUNT": str(OPENMP_SPIN_COUNT)}
+
     def describe(self) -> str:
         """One line for ``serve`` and the logs: ``llama-server: 8 slots (continuous batching), 1+2 threads on 2 cores``."""
         threads = f"{self.threads} generation + {self.batch_threads} prompt threads on {self.cores} cores"
@@ -229,7 +247,7 @@ def embedded_plan(cfg: ServerConfig, env: dict[str, str] | None = None, cores: i
         build, why = require_llama_build(), ""
     else:
         build, why = find_llama_build()
-    threads, batch_threads = thread_counts(cores, batched=build is not None)
+    threads, batch_threads = thread_counts(cores, build)
     threads, batch_threads = cfg.threads or threads, cfg.batch_threads or batch_threads
     slots = slot_count(cores, cfg.slots) if build is not None else 1
     return EmbeddedPlan(build, why, cores, slots, threads, batch_threads)

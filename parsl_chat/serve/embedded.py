@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ServerConfig
-from ..core.llama_build import EmbeddedPlan, LlamaBuild, embedded_plan, job_cores, thread_counts
+from ..core.llama_build import EmbeddedPlan, LlamaBuild, embedded_plan
 from ..errors import ServerError
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "MODEL_FILE",
     "MODEL_HINT",
     "MODEL_PACKAGE",
+    "OPENMP_WAITING",
     "check_llama_server",
     "child_env",
     "embedded_model_path",
@@ -56,6 +57,8 @@ _SERVER_EXTRA_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_conte
 #: Environment variables llama_cpp.server reads as settings (pydantic-settings, any case), plus
 #: HOST and PORT, which its __main__ lets override --host/--port. A stray PORT or API_KEY in a
 #: user's environment would otherwise move the server or lock us out of it.
+#: how OpenMP threads wait at a barrier: set by the user, left alone
+OPENMP_WAITING = frozenset(("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
 _LLAMA_ENV_SETTINGS = frozenset(
     (
         "api_key",
@@ -142,16 +145,6 @@ except ImportError as exc:
     print("parsl-chat: response_format json_schema will be refused:", exc, file=sys.stderr, flush=True)
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
-
-
-def _cpu_count() -> int:
-    # the cores this job may use (SLURM's allocation, cgroup quota, taskset), not the node's total
-    return job_cores()
-
-
-def _thread_counts() -> tuple[int, int]:
-    """llama.cpp threads for generating tokens and for reading the prompt (see ``llama_build.thread_counts``)."""
-    return thread_counts(_cpu_count())
 
 
 def _find_spec(name: str) -> Any:
@@ -258,11 +251,14 @@ def _llama_server_argv(build: LlamaBuild, plan: EmbeddedPlan, cfg: ServerConfig,
     ]  # fmt: skip
 
 
-def child_env(cfg: ServerConfig) -> dict[str, str]:
+def child_env(cfg: ServerConfig, plan: EmbeddedPlan | None = None) -> dict[str, str]:
+    """The server process's environment; ``plan``: the embedded server's, whose threads may need settings."""
     env = dict(os.environ)
     if cfg.kind == "embedded":
         env = {k: v for k, v in env.items() if k.lower() not in _LLAMA_ENV_SETTINGS}
         # llama-server takes every LLAMA_ARG_* as an option (and LLAMA_API_KEY would lock us out)
         env = {k: v for k, v in env.items() if not k.startswith("LLAMA_ARG_") and k != "LLAMA_API_KEY"}
+        if plan is not None and not OPENMP_WAITING & env.keys():  # a user's own OpenMP setting wins
+            env.update(plan.environment)
     env.setdefault("PYTHONUNBUFFERED", "1")  # log lines land before a crash, not in a lost buffer
     return env

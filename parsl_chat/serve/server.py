@@ -60,6 +60,7 @@ from .embedded import (
     MODEL_FILE,
     MODEL_HINT,
     MODEL_PACKAGE,
+    OPENMP_WAITING,
     child_env,
     embedded_model_path,
     server_command,
@@ -220,6 +221,9 @@ class ModelServer:
             if self.plan is not None and self.plan.build is not None and self.plan.build.system_info:
                 # what llama_cpp.server's shim prints itself: build features, and a SIGILL's diagnosis
                 log.write(f"parsl-chat: llama.cpp build: {self.plan.build.system_info}\n".encode())
+            env = child_env(self.cfg, self.plan)
+            if waiting := " ".join(f"{k}={env[k]}" for k in sorted(OPENMP_WAITING) if k in env):
+                log.write(f"parsl-chat: OpenMP threads wait with {waiting}\n".encode())  # a stall's first suspect
             log.flush()
             try:
                 self._proc = subprocess.Popen(
@@ -227,7 +231,7 @@ class ModelServer:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=child_env(self.cfg),
+                    env=env,
                     start_new_session=True,  # own process group: stop() reaches its children too
                     preexec_fn=_parent_death_hook() if self.die_with_parent else None,
                 )

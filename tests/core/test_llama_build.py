@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 from parsl_chat.config import ServerConfig, load_settings
 from parsl_chat.core import llama_build as lb
 from parsl_chat.errors import ServerError
+from parsl_chat.serve.embedded import child_env
 from parsl_chat.serve.server import server_command
 
 
@@ -78,8 +80,27 @@ def test_slots_and_threads_follow_the_cores() -> None:
     assert lb.slot_count(64) == lb.MAX_SLOTS
     assert lb.slot_count(2, configured=5) == 5
     assert lb.thread_counts(1) == (1, 1) and lb.thread_counts(2) == (1, 2) and lb.thread_counts(64) == (8, 8)
-    # llama-server's slots decode as one batch, on the prompt threads: they leave the client's core too
-    assert lb.thread_counts(2, batched=True) == (1, 1) and lb.thread_counts(4, batched=True) == (3, 3)
+    build = lb.LlamaBuild(Path("llama-server"), None, "portable", "", "0.3.36", system_info="CPU : OPENMP = 1 | ")
+    # llama-server's slots decode as one batch, on the prompt threads: every core, as OpenMP waits briefly
+    assert build.openmp and lb.thread_counts(2, build) == (1, 2) and lb.thread_counts(4, build) == (3, 4)
+    # ggml's own thread pool spins until every thread arrives: those threads leave the client's core
+    spinning = dataclasses.replace(build, system_info="CPU : AVX2 = 1 | ")
+    assert not spinning.openmp and lb.thread_counts(2, spinning) == (1, 1) and lb.thread_counts(4, spinning) == (3, 3)
+
+
+def test_an_openmp_build_waits_briefly_unless_the_user_says_otherwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lb, "BUILD_RECORD", _fake_build(tmp_path, system_info="CPU : AVX2 = 1 | OPENMP = 1 | "))
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cfg = ServerConfig()
+    plan = lb.embedded_plan(cfg, cores=2)
+    assert (plan.threads, plan.batch_threads) == (1, 2)
+    assert child_env(cfg, plan)["GOMP_SPINCOUNT"] == str(lb.OPENMP_SPIN_COUNT)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's own choice of waiting wins
+    assert "GOMP_SPINCOUNT" not in child_env(cfg, plan) and child_env(cfg, plan)["OMP_WAIT_POLICY"] == "PASSIVE"
+    llama_cpp_python = lb.embedded_plan(ServerConfig(engine="llama-cpp-python"), cores=2)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert "GOMP_SPINCOUNT" not in child_env(cfg, llama_cpp_python) and not llama_cpp_python.environment
 
 
 def test_llama_server_command_has_slots_batching_and_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,6 @@ real build takes minutes); the model test checks the llama-cpp-python really ins
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PORTABLE, installed_kind
 
 from parsl_chat.serve import crash, embedded
 from parsl_chat.serve import server as srv
@@ -23,8 +23,6 @@ from parsl_chat.serve import server as srv
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install"
 #: what scripts/install's portable build (GGML_NATIVE=OFF) may use; llama.cpp's names
-PORTABLE = {"SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2", "NEON"}
-
 #: stands in for python3: records pip's calls and makes what they would (the sdist, the wheel,
 #: pip's build folder); answers scripts/install's two probes; runs its record-writing script
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -189,20 +187,9 @@ def test_a_failed_llama_server_build_falls_back_with_one_line_and_is_not_retried
     assert "remove " in out and "/failed to try again" in out
 
 
-def _installed_kind() -> str:
-    """How the installed llama-cpp-python was built, from the wheel scripts/install installed it from."""
-    try:
-        direct = importlib.metadata.distribution("llama-cpp-python").read_text("direct_url.json")
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
-    url = json.loads(direct or "{}").get("url", "")
-    match = re.search(r"/parsl-chat/wheels/llama-cpp-python-[^/]*-(portable|native|custom)(?:-[0-9a-f]+)?/", url)
-    return match.group(1) if match else "unknown (not from scripts/install)"
-
-
 @pytest.mark.model
 def test_installed_llama_cpp_is_portable_unless_built_native() -> None:
-    kind = _installed_kind()
+    kind = installed_kind()
     code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
     # a child process: a build for another CPU would kill it with SIGILL, not pytest
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -7,6 +7,7 @@ they must run: a missing build is a skip, which CI=true turns into a failure).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import time
@@ -19,12 +20,11 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import run_cli
-from test_install import PORTABLE, _installed_kind
+from conftest import PORTABLE, installed_kind, run_cli
 
 from parsl_chat.config import ServerConfig
 from parsl_chat.core.limits import ServerLoad, server_load
-from parsl_chat.core.llama_build import find_llama_build
+from parsl_chat.core.llama_build import OPENMP_SPIN_COUNT, find_llama_build
 from parsl_chat.serve import crash
 from parsl_chat.serve import server as srv
 
@@ -85,13 +85,44 @@ def test_llama_server_build_is_portable_unless_built_native() -> None:
     assert build is not None and build.batched_bench is not None, "scripts/install builds llama-batched-bench too"
     features = srv.llama_build_features(build.system_info)
     assert features, f"no system info recorded for {build.server}"
-    if build.kind.startswith(("native", "custom")) or _installed_kind() in ("native", "custom"):
+    if build.kind.startswith(("native", "custom")) or installed_kind() in ("native", "custom"):
         assert not srv.unsupported_features(features)
         return
     beyond = [f for f in features if f in crash._CPU_FLAGS and f not in PORTABLE]
     assert not beyond, f"the portable llama-server was compiled with {beyond}: SIGILL on older CPUs"
     result = subprocess.run([str(build.server), "--version"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, srv.describe_exit(result.returncode)
+
+
+@pytest.mark.parametrize("user_spin", [None, "20000"])
+def test_slots_decode_on_every_core_with_brief_openmp_waits(user_spin: str | None, tmp_path: Path) -> None:
+    """On a 2-core job: 1 generation + 2 batch threads, and libgomp spins briefly (BENCHMARKS.md §8) unless the user set it."""
+    _require_build()
+    build, _ = find_llama_build()
+    assert build is not None and build.openmp, f"scripts/install's build of llama.cpp uses OpenMP: {build}"
+    server = srv.ModelServer(ServerConfig(engine="llama-server"), log_path=tmp_path / "server.log")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CPUS_ON_NODE", "2")
+        patch.delenv("OMP_WAIT_POLICY", raising=False)
+        if user_spin is None:
+            patch.delenv("GOMP_SPINCOUNT", raising=False)
+        else:
+            patch.setenv("GOMP_SPINCOUNT", user_spin)
+        server.start()
+    try:
+        assert server.url is not None and server.pid is not None
+        argv = Path(f"/proc/{server.pid}/cmdline").read_bytes().decode().split("\0")
+        flags = dict(itertools.pairwise(argv))
+        assert (flags["--threads"], flags["--threads-batch"]) == ("1", "2")
+        environ = dict(e.split("=", 1) for e in Path(f"/proc/{server.pid}/environ").read_bytes().decode().split("\0") if "=" in e)
+        spin = user_spin or str(OPENMP_SPIN_COUNT)
+        assert environ["GOMP_SPINCOUNT"] == spin
+        assert f"OpenMP threads wait with GOMP_SPINCOUNT={spin}" in (tmp_path / "server.log").read_text()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda n: _ask(server.url, n, 16), range(4)))  # type: ignore[arg-type]
+        assert all(a["usage"]["completion_tokens"] > 0 for a in answers)
+    finally:
+        server.stop()
 
 
 def test_parallel_requests_overlap_at_the_server(servers: dict[int, srv.ModelServer]) -> None:
