@@ -134,7 +134,8 @@ class ServerConfig(_ShortRepr):
     # else llama-cpp-python's server (one request at a time); or one of them on purpose
     engine: str = "auto"  # auto | llama-server | llama-cpp-python
     slots: int = 0  # llama-server's parallel requests; 0: sized from the job's cores
-    # llama.cpp threads; 0: sized from the job's cores, one core left to the client (llama_build.thread_counts)
+    # llama.cpp threads; 0: sized from the job's cores (llama_build.thread_counts): one sequence leaves
+    # a core to the client, llama-server's batches of slots use every core when its build has OpenMP
     threads: int = 0  # generating one sequence
     batch_threads: int = 0  # prompts, and llama-server's batches of several slots
     max_restarts: int = 3  # a server that dies mid-run is restarted this often per node, then the run stops (exit 3)
