@@ -140,8 +140,10 @@ def test_a_driver_killed_with_the_cache_on_resumes_answers_from_it_and_resends_n
     # answered, cached, not yet recorded at the kill: taken from the cache, not asked again
     assert from_cache == cached_unrecorded and from_cache
     assert {texts[c] for c in from_cache} <= answered_before
-    # only prompts in flight at the kill (answered, but not back in time to be cached) were answered twice
-    assert len(_answered_twice(server.requests())) <= 12
+    # answered twice: only prompts the killed driver had neither recorded nor cached (the other agents'
+    # answers in chunks not yet recorded, answers not back in time to be cached): how many depends on the moment
+    kept = {texts[c] for c in recorded | cached_unrecorded}
+    assert set(_answered_twice(server.requests())) <= answered_before - kept
     stats = run_cli("cache", "stats", str(cache_dir), "--json")
     assert stats.returncode == 0, stats.stderr
 
