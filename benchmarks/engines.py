@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import (
     BENCH_DIR,
@@ -42,6 +42,9 @@ from common import (
     write_result,
     write_yaml,
 )
+
+if TYPE_CHECKING:
+    from parsl_chat.core.llama_build import EmbeddedPlan
 
 REPO = BENCH_DIR.parent
 QUICKSTART = REPO / "examples" / "prompts.jsonl"
@@ -232,7 +235,7 @@ def batched_bench(
     return [dict(r, wall_s=round(time.monotonic() - started, 2)) for r in rows]
 
 
-def contention(plan: Any, npp: int, ntg: int, repeats: int) -> list[dict[str, Any]]:
+def contention(plan: EmbeddedPlan, npp: int, ntg: int, repeats: int) -> list[dict[str, Any]]:
     """(c) at the plan's slots, alone and beside one busy process, for three ways to run the batch threads.
 
     llama.cpp's threads meet at a barrier after every operation: how a thread waits there
@@ -323,8 +326,9 @@ def run(ctx: Context) -> dict[str, Any]:
     npp = round(med([r.get("mean_prompt_tokens") for r in b_runs]) or 40)
     ntg = round(med([r.get("mean_completion_tokens") for r in b_runs]) or 48)
     ctx.log(f"  [engines] (c) llama-batched-bench: {plan.slots} parallel, {npp} prompt + {ntg} completion tokens")
-    threads = (plan.threads, plan.batch_threads, plan.environment)
-    bench = [batched_bench([plan.slots], npp, ntg, *threads)[0] for _ in range(ctx.repeats)]
+    bench = [
+        batched_bench([plan.slots], npp, ntg, plan.threads, plan.batch_threads, plan.environment)[0] for _ in range(ctx.repeats)
+    ]
     ctx.log("  [engines] (c) alone and beside a busy process, three ways to wait at llama.cpp's barriers")
     contended = [] if ctx.quick else contention(plan, npp, ntg, ctx.repeats)
     sweep_npl = sorted({1, 2, 4, 8, 16, plan.slots})

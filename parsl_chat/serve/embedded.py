@@ -54,11 +54,11 @@ LLAMA_SIGILL_HINT = (
 #: the modules ``python -m llama_cpp.server`` needs beyond llama_cpp itself (the [server] extra)
 _SERVER_EXTRA_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
 
+#: how OpenMP threads wait at a barrier: set by the user, left alone
+OPENMP_WAITING = frozenset(("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
 #: Environment variables llama_cpp.server reads as settings (pydantic-settings, any case), plus
 #: HOST and PORT, which its __main__ lets override --host/--port. A stray PORT or API_KEY in a
 #: user's environment would otherwise move the server or lock us out of it.
-#: how OpenMP threads wait at a barrier: set by the user, left alone
-OPENMP_WAITING = frozenset(("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
 _LLAMA_ENV_SETTINGS = frozenset(
     (
         "api_key",

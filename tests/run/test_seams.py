@@ -24,7 +24,7 @@ import psutil
 import pytest
 from conftest import EXAMPLES, assert_figures_within_bounds, run_cli, start_cli, wait_rows, write_prompts
 
-from parsl_chat.io.cache.segment import valid_key
+from parsl_chat.io.cache.maintenance import iter_records
 from parsl_chat.io.ledger import read_ledger
 
 #: issue 15's endpoint: 10 % HTTP 500, 5 % 429 (Retry-After 1 s), 2 % hangs, 1 % dropped connections
@@ -85,14 +85,9 @@ def test_warm_start_hand_over_on_a_flaky_endpoint_ends_every_prompt_ok(seed: int
 
 
 def _cached_ids(cache_dir: Path) -> set[str]:
-    """The prompts whose answers are whole lines in the cache's segments (the simulator's answer names its prompt)."""
-    ids = set()
-    for path in (cache_dir / "segments").glob("*"):
-        for line in path.read_bytes().splitlines(keepends=True):
-            answer = re.search(rb"sim question (\d+)", line)
-            if answer and valid_key(line) is not None:
-                ids.add(f"p{int(answer[1])}")
-    return ids
+    """The prompts whose answers are whole records in the cache (the simulator's answer names its prompt)."""
+    answers = (re.search(r"sim question (\d+)", record["response"]) for _, record in iter_records(cache_dir))
+    return {f"p{int(answer[1])}" for answer in answers if answer}
 
 
 def _recorded_ids(out: Path) -> set[str]:
