@@ -61,6 +61,14 @@ def _interchange_launch_cmd() -> list[str]:
     return [sys.executable, "-c", _NEW_SESSION, *DEFAULT_INTERCHANGE_LAUNCH_CMD]
 
 
+#: How long (ms) Parsl's interchange and the driver's result thread wait on their sockets before they
+#: look again. A message wakes them at once, so this only paces their housekeeping (and, at the end,
+#: how long shutdown waits for the result thread). Parsl's default, 10, wakes each of them 100 times a
+#: second; on a node whose cores its model server needs, each wakeup can preempt one of llama.cpp's
+#: threads at a barrier: 100 gave the embedded server 1.05-1.07x the tokens/s of 10 (BENCHMARKS.md, 8).
+POLL_PERIOD_MS = 100
+
+
 def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> Any:
     from parsl.config import Config
     from parsl.executors import HighThroughputExecutor
@@ -77,7 +85,7 @@ def build_parsl_config(profile: ProfileConfig, run_id: str, parsl_dir: Path) -> 
         prefetch_capacity=1,  # the next chunk waits at the node, not in the interchange
         heartbeat_period=5,
         heartbeat_threshold=30,
-        poll_period=10,
+        poll_period=POLL_PERIOD_MS,
         worker_logdir_root=target.worker_logdir or str(parsl_dir / "workers"),
         # per-run CurveZMQ keys: an interchange orphaned by a killed driver can never
         # be joined by the next run's workers when ports are reused

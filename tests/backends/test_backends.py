@@ -19,7 +19,7 @@ import pytest
 
 from parsl_chat.backends import Backend
 from parsl_chat.backends.inprocess import InProcessBackend
-from parsl_chat.backends.parsl import ParslBackend
+from parsl_chat.backends.parsl import POLL_PERIOD_MS, ParslBackend
 from parsl_chat.backends.warmstart import WarmStartBackend
 from parsl_chat.config import LimitsConfig, load_settings
 from parsl_chat.core.agents import UNFINISHED, AgentSpec
@@ -145,6 +145,32 @@ def test_shutdown_is_idempotent_and_ends_every_block(kind: str, sim_server: Call
     backend.shutdown()
     backend.shutdown()
     assert all(b["ended_at"] is not None for b in backend.blocks())
+
+
+def _wakeups(pid: int) -> int:
+    """Context switches so far of every thread of ``pid``: each is one wakeup (or one preemption)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_interchange_wakes_about_ten_times_a_second(tmp_path: Path) -> None:
+    """Parsl's default poll period woke it 100 times a second, each a chance to preempt the model server's threads."""
+    backend = _parsl_local(tmp_path, 1)
+    backend.start()
+    try:
+        pid = next(p["pid"] for p in backend.processes() if p["role"] == "interchange")
+        time.sleep(1.0)  # past its start-up
+        before = _wakeups(pid)
+        time.sleep(2.0)
+        woke = _wakeups(pid) - before
+    finally:
+        backend.shutdown()
+    # Parsl's default of 10 ms: about 200; POLL_PERIOD_MS (100): about 20
+    assert woke < 2 * 4 * 1000 / POLL_PERIOD_MS < 200, f"{woke} wakeups in 2 s"
 
 
 def test_backends_import_no_higher_layer() -> None:
