@@ -5,7 +5,9 @@ time), (b) llama.cpp's ``llama-server`` with parallel slots and continuous batch
 (``server.engine: llama-server``, slots and threads sized by parsl-chat from the job's
 cores), (c) ``llama-batched-bench``, llama.cpp's own batched-decoding benchmark, at
 (b)'s parallelism (its slots) with (b)'s mean prompt and completion lengths: what this
-CPU does with no HTTP, no scheduling, every sequence the same length.
+CPU does with no HTTP, no scheduling, every sequence the same length. (c) runs right
+after each (b) run on the big workload and (b)/(c) is taken within that pair: over a
+session the machine's speed drifts more than the gap the ratio is about.
 
 (a) and (b) are whole ``parsl-chat run`` processes as a user runs them: the run starts
 its own embedded server (start-up counted in the wall time), the agents' concurrency
@@ -275,6 +277,21 @@ def contention_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[way, cell[way, "alone"], cell[way, "beside a busy process"]] for way in ways]
 
 
+#: the run each (c) is measured right after
+B_BIG = "{n} prompts (b) llama-server"
+
+
+def _c_beside(ctx: Context, plan: EmbeddedPlan, b_run: dict[str, Any]) -> dict[str, Any] | None:
+    """(c): llama-batched-bench at (b)'s slots and threads, with this (b) run's mean prompt and completion lengths."""
+    if b_run.get("error"):
+        return None
+    npp = round(b_run.get("mean_prompt_tokens") or 40)
+    ntg = round(b_run.get("mean_completion_tokens") or 48)
+    row = batched_bench([plan.slots], npp, ntg, plan.threads, plan.batch_threads, plan.environment)[0]
+    ctx.log(f"    (c) llama-batched-bench, {plan.slots} parallel x ({npp} + {ntg}): {fmt(row['tokens_per_s'], 1)} tok/s")
+    return row
+
+
 def run(ctx: Context) -> dict[str, Any]:
     problem = _available()
     if problem:
@@ -319,16 +336,14 @@ def run(ctx: Context) -> dict[str, Any]:
             f"{fmt(result['tokens_per_s'], 1)} tok/s ({fmt(result['tokens_per_s_request_phase'], 1)} in the request phase)"
         )
         runs.setdefault(label, []).append(result)
+        if label == B_BIG.format(n=n):
+            result["c"] = _c_beside(ctx, plan, result)
 
-    # (c): llama-batched-bench at (b)'s slots, with (b)'s mean prompt and completion lengths (on the big workload),
-    # and the sweep over parallel sequences that sets parsl-chat's slots per core
-    b_runs = runs.get(f"{n} prompts (b) llama-server", [])
+    # the sweep over parallel sequences that sets parsl-chat's slots per core, at (b)'s mean lengths
+    b_runs = runs.get(B_BIG.format(n=n), [])
+    bench = [r["c"] for r in b_runs if r.get("c")]
     npp = round(med([r.get("mean_prompt_tokens") for r in b_runs]) or 40)
     ntg = round(med([r.get("mean_completion_tokens") for r in b_runs]) or 48)
-    ctx.log(f"  [engines] (c) llama-batched-bench: {plan.slots} parallel, {npp} prompt + {ntg} completion tokens")
-    bench = [
-        batched_bench([plan.slots], npp, ntg, plan.threads, plan.batch_threads, plan.environment)[0] for _ in range(ctx.repeats)
-    ]
     ctx.log("  [engines] (c) alone and beside a busy process, three ways to wait at llama.cpp's barriers")
     contended = [] if ctx.quick else contention(plan, npp, ntg, ctx.repeats)
     sweep_npl = sorted({1, 2, 4, 8, 16, plan.slots})
@@ -365,8 +380,9 @@ def run(ctx: Context) -> dict[str, Any]:
         walls = [a[k]["wall_s"] / b[k]["wall_s"] for k in a if k in b]
         ratios[f"{workload} {a_name}/{b_name} wall_s"] = {"median": med(walls), "runs": walls}
     c_tok, c_pr = med([r["tokens_per_s"] for r in bench]), med([r["prompts_per_s"] for r in bench])
-    for key, c in (("tokens_per_s_request_phase", c_tok), ("prompts_per_s_request_phase", c_pr)):
-        within = [r[key] / c for r in b_runs if r.get(key) and c]
+    for key, c_key in (("tokens_per_s_request_phase", "tokens_per_s"), ("prompts_per_s_request_phase", "prompts_per_s")):
+        # each (b) against the (c) run right after it: the machine's speed drifts over a session (seen: 130 to 163)
+        within = [r[key] / r["c"][c_key] for r in b_runs if r.get(key) and r.get("c")]
         ratios[f"{n} prompts b/c {key}"] = {"median": med(within), "runs": within}
     data = {
         "n": n,
