@@ -277,11 +277,7 @@ def contention_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[way, cell[way, "alone"], cell[way, "beside a busy process"]] for way in ways]
 
 
-#: the run each (c) is measured right after
-B_BIG = "{n} prompts (b) llama-server"
-
-
-def _c_beside(ctx: Context, plan: EmbeddedPlan, b_run: dict[str, Any]) -> dict[str, Any] | None:
+def _c_after(ctx: Context, plan: EmbeddedPlan, b_run: dict[str, Any]) -> dict[str, Any] | None:
     """(c): llama-batched-bench at (b)'s slots and threads, with this (b) run's mean prompt and completion lengths."""
     if b_run.get("error"):
         return None
@@ -324,6 +320,7 @@ def run(ctx: Context) -> dict[str, Any]:
     pairs = [(b, a) for b, a in PAIRS if ENGINE_LABELS[b] in engines and ENGINE_LABELS[a] in engines]
     variants = [f"{w} {e}" for w in workloads for e in engines]
     runs: dict[str, list[dict[str, Any]]] = {}
+    big_b = f"{n} prompts (b) llama-server"
     for rnd, label in interleaved(variants, ctx.repeats):
         workload = next(w for w in workloads if label.startswith(w + " "))
         engine = ENGINES[label[len(workload) + 1 :]]
@@ -336,11 +333,11 @@ def run(ctx: Context) -> dict[str, Any]:
             f"{fmt(result['tokens_per_s'], 1)} tok/s ({fmt(result['tokens_per_s_request_phase'], 1)} in the request phase)"
         )
         runs.setdefault(label, []).append(result)
-        if label == B_BIG.format(n=n):
-            result["c"] = _c_beside(ctx, plan, result)
+        if label == big_b:  # (c) right after it
+            result["c"] = _c_after(ctx, plan, result)
 
     # the sweep over parallel sequences that sets parsl-chat's slots per core, at (b)'s mean lengths
-    b_runs = runs.get(B_BIG.format(n=n), [])
+    b_runs = runs.get(big_b, [])
     bench = [r["c"] for r in b_runs if r.get("c")]
     npp = round(med([r.get("mean_prompt_tokens") for r in b_runs]) or 40)
     ntg = round(med([r.get("mean_completion_tokens") for r in b_runs]) or 48)
